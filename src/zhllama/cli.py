@@ -1,0 +1,160 @@
+"""The `zhllama` command: parses flags and calls one library function per command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from zhllama.errors import ZhllamaError
+
+app = typer.Typer(help="Make Llama-family models fluent in Chinese.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+tokenizer_app = typer.Typer(help="Chinese vocabulary: from-gguf, train, merge, extend, stats.", no_args_is_help=True)
+model_app = typer.Typer(help="Models: init (random presets), extend-vocab.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(model_app, name="model")
+
+# Groups whose commands later stages add. Each says so instead of failing obscurely.
+_PLANNED = {
+    "data": "Clean, dedup and pack corpora",
+    "train": "Continued pretraining and SFT",
+    "lora": "Merge LoRA adapters",
+    "convert": "Meta checkpoint to HF conversion",
+    "chat": "Streaming terminal chat",
+    "serve": "OpenAI-compatible HTTP API and web chat",
+    "eval": "C-Eval, CMMLU, perplexity, QA",
+    "export": "GGUF export and quantisation",
+}
+
+
+def _planned_group(name: str, what: str) -> None:
+    group = typer.Typer(help=f"{what} (not in this version yet).")
+
+    @group.callback(invoke_without_command=True)
+    def _not_yet() -> None:
+        typer.echo(f"error: `zhllama {name}` ({what.lower()}) is not in this version of zhllama yet", err=True)
+        raise typer.Exit(2)
+
+    app.add_typer(group, name=name)
+
+
+for _name, _what in _PLANNED.items():
+    _planned_group(_name, _what)
+
+# Options that take several values (`--input a.jsonl b.jsonl`, as a shell glob gives them).
+MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name"}
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Rewrite `--input a b` as `--input a --input b`, which is what click understands."""
+    out, current = [], None
+    for arg in argv:
+        if arg.startswith("-"):
+            current = arg if arg in MULTI_VALUE_OPTIONS else None
+            out.append(arg)
+        elif current and out[-1] != current:
+            out.extend([current, arg])
+        else:
+            out.append(arg)
+    return out
+
+
+Inputs = list[Path]
+
+
+@tokenizer_app.command("from-gguf")
+def tokenizer_from_gguf(gguf_file: Path = typer.Argument(..., help="GGUF file with an SPM ('llama') vocabulary"),
+                        out: Path = typer.Option(..., "--out")):
+    """Rebuild tokenizer.model and an HF tokenizer folder from a GGUF vocabulary."""
+    from zhllama import tokenizer
+
+    typer.echo(tokenizer.from_gguf(gguf_file, out))
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(input: Inputs = typer.Option(..., "--input", help=".txt or .jsonl (`text` field) files"),
+                    vocab_size: int = typer.Option(..., "--vocab-size"), out: Path = typer.Option(..., "--out"),
+                    standalone: bool = typer.Option(False, "--standalone",
+                                                    help="a complete bilingual tokenizer from scratch")):
+    """Train a Chinese SentencePiece BPE model."""
+    from zhllama import tokenizer
+
+    typer.echo(tokenizer.train(input, vocab_size, out, standalone=standalone))
+
+
+@tokenizer_app.command("merge")
+def tokenizer_merge(base: Path = typer.Option(..., "--base", help="Llama tokenizer.model or HF folder"),
+                    add: Path = typer.Option(..., "--add", help="Chinese SentencePiece model"),
+                    out: Path = typer.Option(..., "--out"),
+                    scheme: str = typer.Option("zh-rank", "--scheme", help="scores of new pieces: zh-rank|append|zero")):
+    """Append the new pieces after the base ones; every base id, score and type is kept."""
+    from zhllama import tokenizer
+
+    typer.echo(tokenizer.merge(base, add, out, scheme=scheme))
+
+
+@tokenizer_app.command("extend")
+def tokenizer_extend(base: Path = typer.Option(..., "--base"), input: Inputs = typer.Option(..., "--input"),
+                     vocab_size: int = typer.Option(..., "--vocab-size", help="total size of the result"),
+                     out: Path = typer.Option(..., "--out"),
+                     pad_to_multiple: int = typer.Option(None, "--pad-to-multiple"),
+                     scheme: str = typer.Option("zh-rank", "--scheme")):
+    """Train on the input and merge, so that the result has exactly --vocab-size pieces."""
+    from zhllama import tokenizer
+
+    typer.echo(tokenizer.extend(base, input, vocab_size, out, pad_to_multiple=pad_to_multiple, scheme=scheme))
+
+
+@tokenizer_app.command("stats")
+def tokenizer_stats(tokenizer_: Inputs = typer.Option(..., "--tokenizer", help="HF folders or .model files"),
+                    zh: Inputs = typer.Option(None, "--zh"), en: Inputs = typer.Option(None, "--en"),
+                    code: Inputs = typer.Option(None, "--code"), json_out: Path = typer.Option(None, "--json"),
+                    name: list[str] = typer.Option(None, "--name", help="row labels, one per --tokenizer")):
+    """Tokens per character on zh/en/code, speed and round-trip losslessness, one row per tokenizer."""
+    from zhllama import tokenizer
+
+    rows = tokenizer.stats(tokenizer_, zh=zh, en=en, code=code, names=name or None)
+    typer.echo(tokenizer.format_table(rows))
+    if json_out:
+        json_out.write_text(json.dumps(tokenizer.stats_as_dicts(rows), ensure_ascii=False, indent=2) + "\n")
+
+
+@model_app.command("init")
+def model_init(preset: str = typer.Option(..., "--preset", help="tiny|small|1b|7b"),
+               tokenizer_: Path = typer.Option(..., "--tokenizer"), out: Path = typer.Option(..., "--out"),
+               seed: int = typer.Option(0, "--seed")):
+    """Write a randomly initialised LlamaForCausalLM of a named shape."""
+    from zhllama import model
+
+    typer.echo(model.init_model(preset, tokenizer_, out, seed=seed))
+
+
+@model_app.command("extend-vocab")
+def model_extend_vocab(model_dir: Path = typer.Option(..., "--model"), tokenizer_: Path = typer.Option(..., "--tokenizer"),
+                       out: Path = typer.Option(..., "--out"), init: str = typer.Option("mean", "--init", help="mean|random"),
+                       seed: int = typer.Option(0, "--seed")):
+    """Resize embed_tokens and lm_head to an extended tokenizer, with informed new rows."""
+    from zhllama import model
+
+    typer.echo(model.extend_vocab(model_dir, tokenizer_, out, init=init, seed=seed))
+
+
+@app.command("demo")
+def demo(out: Path = typer.Option(Path("demo-run"), "--out", help="folder for everything the demo makes"),
+         quick: bool = typer.Option(False, "--quick", help="smaller corpus and vocabulary, for tests")):
+    """The whole road on the built-in corpus."""
+    from zhllama.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name="zhllama")
+    except ZhllamaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)

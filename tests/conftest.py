@@ -1,0 +1,43 @@
+"""Session fixtures shared by all stages: the real Llama-2 vocabulary and a Chinese extension of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from zhllama import tokenizer
+from zhllama.assets import llama2_vocab_gguf
+from zhllama.data import builtin
+
+EXTENDED_SIZE = 34_000
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zhllama")
+
+
+@pytest.fixture(scope="session")
+def llama2_gguf():
+    return llama2_vocab_gguf(download=False)
+
+
+@pytest.fixture(scope="session")
+def llama2_dir(workdir, llama2_gguf):
+    return tokenizer.from_gguf(llama2_gguf, workdir / "llama2")
+
+
+@pytest.fixture(scope="session")
+def zh_train_file(workdir):
+    path = workdir / "zh_train.jsonl"
+    builtin.write_jsonl(path, "train", max_chars=600_000)
+    return path
+
+
+@pytest.fixture(scope="session")
+def zh_heldout_texts():
+    return [doc["text"] for doc in builtin.documents("heldout")][:400]
+
+
+@pytest.fixture(scope="session")
+def extended_dir(workdir, llama2_dir, zh_train_file):
+    return tokenizer.extend(llama2_dir, [zh_train_file], EXTENDED_SIZE, workdir / "llama2-zh")
