@@ -14,13 +14,15 @@ app = typer.Typer(help="Make Llama-family models fluent in Chinese.", no_args_is
                   pretty_exceptions_enable=False, add_completion=False)
 tokenizer_app = typer.Typer(help="Chinese vocabulary: from-gguf, train, merge, extend, stats.", no_args_is_help=True)
 model_app = typer.Typer(help="Models: init (random presets), extend-vocab.", no_args_is_help=True)
+data_app = typer.Typer(help="Corpora: clean (filter, dedup) and pack (tokenize into blocks).", no_args_is_help=True)
+train_app = typer.Typer(help="Training: continued pretraining.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
 
 # Groups whose commands later stages add. Each says so instead of failing obscurely.
 _PLANNED = {
-    "data": "Clean, dedup and pack corpora",
-    "train": "Continued pretraining and SFT",
     "lora": "Merge LoRA adapters",
     "convert": "Meta checkpoint to HF conversion",
     "chat": "Streaming terminal chat",
@@ -45,7 +47,7 @@ for _name, _what in _PLANNED.items():
     _planned_group(_name, _what)
 
 # Options that take several values (`--input a.jsonl b.jsonl`, as a shell glob gives them).
-MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name"}
+MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name", "--data"}
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -89,7 +91,8 @@ def tokenizer_train(input: Inputs = typer.Option(..., "--input", help=".txt or .
 def tokenizer_merge(base: Path = typer.Option(..., "--base", help="Llama tokenizer.model or HF folder"),
                     add: Path = typer.Option(..., "--add", help="Chinese SentencePiece model"),
                     out: Path = typer.Option(..., "--out"),
-                    scheme: str = typer.Option("zh-rank", "--scheme", help="scores of new pieces: zh-rank|append|zero")):
+                    scheme: str = typer.Option("zh-rank", "--scheme",
+                                               help="scores of new pieces: zh-rank|append|zero")):
     """Append the new pieces after the base ones; every base id, score and type is kept."""
     from zhllama import tokenizer
 
@@ -133,13 +136,66 @@ def model_init(preset: str = typer.Option(..., "--preset", help="tiny|small|1b|7
 
 
 @model_app.command("extend-vocab")
-def model_extend_vocab(model_dir: Path = typer.Option(..., "--model"), tokenizer_: Path = typer.Option(..., "--tokenizer"),
-                       out: Path = typer.Option(..., "--out"), init: str = typer.Option("mean", "--init", help="mean|random"),
+def model_extend_vocab(model_dir: Path = typer.Option(..., "--model"),
+                       tokenizer_: Path = typer.Option(..., "--tokenizer"), out: Path = typer.Option(..., "--out"),
+                       init: str = typer.Option("mean", "--init", help="mean|random"),
                        seed: int = typer.Option(0, "--seed")):
     """Resize embed_tokens and lm_head to an extended tokenizer, with informed new rows."""
     from zhllama import model
 
     typer.echo(model.extend_vocab(model_dir, tokenizer_, out, init=init, seed=seed))
+
+
+@data_app.command("clean")
+def data_clean(input: Inputs = typer.Option(..., "--input", help=".jsonl (`text` field) or .txt files"),
+               out: Path = typer.Option(..., "--out", help="cleaned JSONL"),
+               report: Path = typer.Option(..., "--report", help="JSON report of what was kept and dropped"),
+               workers: int = typer.Option(None, "--workers", help="processes (default: all cores)"),
+               min_chars: int = typer.Option(None, "--min-chars"),
+               min_cjk_share: float = typer.Option(None, "--min-cjk-share"),
+               near_dup_threshold: float = typer.Option(None, "--near-dup-threshold"),
+               no_near_dedup: bool = typer.Option(False, "--no-near-dedup")):
+    """Normalise, filter (length, CJK share, Gopher repetition rules, symbols) and deduplicate."""
+    from zhllama.data.clean import CleanConfig, clean_files
+
+    given = {"workers": workers, "min_chars": min_chars, "min_cjk_share": min_cjk_share,
+             "near_dup_threshold": near_dup_threshold}
+    cfg = CleanConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg.near_dedup = not no_near_dedup
+    summary = clean_files(input, out, report, cfg)
+    typer.echo(json.dumps({k: summary[k] for k in ("documents_in", "kept") if k in summary}, ensure_ascii=False))
+
+
+@data_app.command("pack")
+def data_pack(tokenizer_: Path = typer.Option(..., "--tokenizer"), input: Inputs = typer.Option(..., "--input"),
+              seq_len: int = typer.Option(..., "--seq-len"), out: Path = typer.Option(..., "--out"),
+              val_fraction: float = typer.Option(0.0, "--val-fraction"),
+              doc_boundaries: bool = typer.Option(False, "--doc-boundaries")):
+    """Tokenize documents (BOS ... EOS) into fixed-length blocks in memory-mapped shards."""
+    from zhllama.data.pack import pack
+
+    typer.echo(pack(tokenizer_, input, seq_len, out, val_fraction=val_fraction, doc_boundaries=doc_boundaries))
+
+
+@train_app.command("pretrain")
+def train_pretrain(model_dir: Path = typer.Option(..., "--model"), data: Path = typer.Option(..., "--data"),
+                   out: Path = typer.Option(..., "--out"), config: Path = typer.Option(None, "--config"),
+                   resume: bool = typer.Option(False, "--resume"),
+                   max_steps: int = typer.Option(None, "--max-steps"),
+                   batch_size: int = typer.Option(None, "--batch-size"),
+                   grad_accum: int = typer.Option(None, "--grad-accum"), lr: float = typer.Option(None, "--lr"),
+                   seq_len: int = typer.Option(None, "--seq-len"), save_every: int = typer.Option(None, "--save-every"),
+                   eval_every: int = typer.Option(None, "--eval-every"), seed: int = typer.Option(None, "--seed"),
+                   trainable: str = typer.Option(None, "--trainable", help="all|embeddings|lora"),
+                   precision: str = typer.Option(None, "--precision", help="auto|bf16|fp32")):
+    """Continue pretraining on packed data (launch with torchrun or accelerate launch to distribute)."""
+    from zhllama.config import TrainConfig, load_config
+    from zhllama.train import pretrain
+
+    cfg = load_config(TrainConfig, config, dict(
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
+        save_every=save_every, eval_every=eval_every, seed=seed, trainable=trainable, precision=precision))
+    typer.echo(pretrain(model_dir, data, out, cfg, resume=resume))
 
 
 @app.command("demo")

@@ -1,4 +1,7 @@
-"""Random test strings that mix everything a Chinese Llama tokenizer meets."""
+"""Random test strings that mix everything a Chinese Llama tokenizer meets.
+
+They may contain "<s>" or "</s>" as text: compare with sentencepiece using split_special_tokens=True.
+"""
 
 import random
 
@@ -7,7 +10,9 @@ ZH_TW = "臺灣說話體龍與為們個這國際學習電腦網路資訊開發�
 PUNCT = "，。！？、；：「」『』（）《》〈〉【】…—～·“”‘’"
 EMOJI = ["😀", "🎉", "🚀", "👍🏽", "🇨🇳", "❤️", "👨‍👩‍👧", "🧑🏻‍💻"]
 WORDS = ["hello", "world", " the", "Tokenizer", "中华人民共和国", "人工智能", "Llama-2", "    return x", "\n    ",
-         "def f(x):", "if (a && b) {", "https://example.com/a?b=1", "café", "naïve", "Ελληνικά", "русский", "日本語のテキスト"]
+         "def f(x):", "if (a && b) {", "https://example.com/a?b=1", "café", "naïve", "Ελληνικά", "русский",
+         "日本語のテキスト"]
+ASCII_CODE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ_(){}[]<>=+-*/;:,.'\"#"
 WHITESPACE = [" ", "  ", "   ", "    ", "\t", "\n", "\n\n", "\r\n", "\u3000", " \t ", "        "]
 
 
@@ -26,6 +31,6 @@ def random_strings(n: int, seed: int = 0) -> list[str]:
         lambda: str(rng.randint(0, 10 ** rng.randint(1, 9))),
         lambda: rng.choice(WORDS),
         lambda: rng.choice(WHITESPACE) * rng.randint(1, 6),
-        lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ_(){}[]<>=+-*/;:,.'\"#") for _ in range(rng.randint(1, 10))),
+        lambda: "".join(rng.choice(ASCII_CODE) for _ in range(rng.randint(1, 10))),
     ]
     return ["".join(rng.choice(makers)() for _ in range(rng.randint(1, 10))) for _ in range(n)]

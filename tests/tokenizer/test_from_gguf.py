@@ -39,8 +39,8 @@ def test_fast_tokenizer_encodes_exactly_like_sentencepiece(llama2_dir):
     sp = spm.SentencePieceProcessor(model_file=str(llama2_dir / "tokenizer.model"))
     fast = AutoTokenizer.from_pretrained(str(llama2_dir))
     texts = random_strings(3000, seed=1)
-    assert fast(texts, add_special_tokens=False)["input_ids"] == sp.encode(texts)
-    assert fast.batch_decode(fast(texts)["input_ids"], skip_special_tokens=True) == texts
+    assert fast(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] == sp.encode(texts)
+    assert fast.batch_decode(fast(texts, split_special_tokens=True)["input_ids"], skip_special_tokens=True) == texts
 
 
 def test_non_spm_gguf_is_refused(tmp_path):

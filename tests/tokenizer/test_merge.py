@@ -31,7 +31,7 @@ def test_round_trip_and_fast_equals_slow_on_10000_random_strings(extended_dir):
     sp = spm.SentencePieceProcessor(model_file=str(extended_dir / "tokenizer.model"))
     fast = AutoTokenizer.from_pretrained(str(extended_dir))
     texts = random_strings(10_000, seed=0)
-    ids = fast(texts)["input_ids"]
+    ids = fast(texts, split_special_tokens=True)["input_ids"]
     assert ids == [[1] + x for x in sp.encode(texts)]
     assert fast.batch_decode(ids, skip_special_tokens=True) == texts
     assert sp.decode(sp.encode(texts)) == texts
@@ -77,3 +77,9 @@ def test_merge_keeps_only_reachable_pieces(llama2_dir, zh_train_file, tmp_path):
     for p in merged.pieces[32000:]:
         assert all(ch in have for ch in p.piece)
         assert len(p.piece) == 1 or any(p.piece[:c] in have and p.piece[c:] in have for c in range(1, len(p.piece)))
+
+
+def test_which_pieces_count_as_chinese():
+    assert is_chinese_piece("中") and is_chinese_piece("▁中国") and is_chinese_piece("，但") and is_chinese_piece("𠀀")
+    # Full-width symbols alone do turn up in English web text; pieces mixing scripts would touch English/code.
+    assert not any(map(is_chinese_piece, ["＊", "・", "，", "▁", "a中", "中1", "中 国"]))

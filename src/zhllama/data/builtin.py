@@ -134,6 +134,5 @@ def code_texts() -> list[str]:
 
 def write_texts(path: str | Path, texts: list[str]) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
-        for text in texts:
-            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
     return Path(path)

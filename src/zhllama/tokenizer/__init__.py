@@ -18,7 +18,7 @@ from zhllama.tokenizer.stats import as_dicts as stats_as_dicts
 from zhllama.tokenizer.stats import format_table, load_corpora, measure
 from zhllama.tokenizer.train import VocabTooSmall, train_spm
 
-__all__ = ["from_gguf", "train", "merge", "extend", "stats", "SCORE_SCHEMES", "format_table", "stats_as_dicts"]
+__all__ = ["SCORE_SCHEMES", "extend", "format_table", "from_gguf", "merge", "stats", "stats_as_dicts", "train"]
 
 # Options for a Chinese model that is to be merged into Llama: no dummy prefix (Chinese text has no spaces,
 # so "▁X" pieces would waste slots) and no split between Han and punctuation ("，但", "了。" are frequent).

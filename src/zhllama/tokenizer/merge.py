@@ -1,7 +1,9 @@
 """Append a Chinese SentencePiece model to a Llama one without touching any base id, score or type.
 
-Which pieces go in: only pieces made of CJK characters (plus the word-start "▁"), so English and code
-without CJK text segment exactly as before. Every kept piece must be reachable by BPE merges of pieces
+Which pieces go in: only pieces that hold at least one Han character and otherwise only CJK punctuation,
+full-width forms or the word-start "▁". English and code without Han text then segment exactly as before;
+a full-width "＊" or "・" alone, which English web text does contain, is left to byte fallback.
+Every kept piece must be reachable by BPE merges of pieces
 that are also kept, and every character of it must be a piece, or the fast tokenizer could not reproduce
 sentencepiece.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import copy
 
 from zhllama.errors import ZhllamaError
-from zhllama.tokenizer.spm import BYTE, CONTROL, NORMAL, USER_DEFINED, ModelProto, is_cjk
+from zhllama.tokenizer.spm import BYTE, CONTROL, NORMAL, USER_DEFINED, ModelProto, is_cjk, is_han
 
 SCORE_SCHEMES = ("zh-rank", "append", "zero")
 PAD_PIECE = "<pad_{}>"
@@ -28,7 +30,7 @@ _SENTINEL_SCORE = -1e8
 
 def is_chinese_piece(piece: str) -> bool:
     body = piece.replace("▁", "")
-    return bool(body) and all(is_cjk(ch) for ch in body)
+    return any(is_han(ch) for ch in body) and all(is_cjk(ch) for ch in body)
 
 
 def candidate_pieces(base: ModelProto, zh: ModelProto, cjk_only: bool = True) -> list[tuple[str, float]]:

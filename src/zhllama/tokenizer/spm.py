@@ -53,6 +53,12 @@ def special_ids(proto: ModelProto) -> dict[str, int]:
     return {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
 
 
+def is_han(ch: str) -> bool:
+    """Han ideographs: the unified block, extensions A to H, and compatibility ideographs."""
+    cp = ord(ch)
+    return 0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x323AF or 0xF900 <= cp <= 0xFAFF
+
+
 def is_cjk(ch: str) -> bool:
     """Han ideographs (all extension blocks), CJK punctuation and full-width forms."""
     cp = ord(ch)

@@ -110,13 +110,23 @@ def train_spm(
     if user_defined_symbols:
         options["user_defined_symbols"] = user_defined_symbols
 
+    failures: list[ZhllamaError] = []
+
     def all_sentences():
-        yield first
-        yield from sentences
+        # An error raised inside sentencepiece's C++ loop would come back as an opaque RuntimeError.
+        try:
+            yield first
+            yield from sentences
+        except ZhllamaError as exc:
+            failures.append(exc)
 
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=all_sentences(), model_writer=model, **options)
+        if failures:
+            raise failures[0]
     except RuntimeError as exc:
+        if failures:
+            raise failures[0] from None
         message = str(exc)
         too_small = _TOO_SMALL.search(message)
         if too_small:

@@ -1,0 +1,127 @@
+"""Training stage: continued pretraining on packed data (and, through the same loop, SFT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zhllama.artifacts import file_sha256, write_provenance
+from zhllama.config import TrainConfig, to_dict
+from zhllama.errors import ZhllamaError
+from zhllama.tokenizer.hf import copy_hf_tokenizer
+from zhllama.train.checkpoint import latest_checkpoint, list_checkpoints
+from zhllama.train.loop import IGNORE, train_loop
+from zhllama.train.trainable import merged_for_export, prepare_trainable
+
+__all__ = ["IGNORE", "PackedTrainData", "TrainConfig", "finish_run", "load_for_training", "pretrain", "validate"]
+
+
+class PackedTrainData:
+    """Packed blocks as the loop wants them: every token is a target, positions optionally reset per document."""
+
+    def __init__(self, folder: Path, seq_len: int, reset_positions: bool):
+        from zhllama.data.pack import PackedData
+
+        self.train = PackedData(folder, "train")
+        self.val = PackedData(folder, "val") if "val" in self.train.meta["splits"] else None
+        self.seq_len, self.reset_positions = seq_len, reset_positions
+
+    def _batch(self, packed, ids: list[int]) -> dict[str, torch.Tensor]:
+        # A shorter --seq-len than the packed one trains on the start of each block.
+        tokens = torch.from_numpy(np.stack([packed.block(i)[: self.seq_len] for i in ids]))
+        batch = {"input_ids": tokens, "labels": tokens.clone()}
+        if self.reset_positions:
+            pos = np.stack([packed.position_ids(i)[: self.seq_len] for i in ids])
+            batch["position_ids"] = torch.from_numpy(pos)
+        return batch
+
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        return self._batch(self.train, samples)
+
+    def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
+        if self.val is None or len(self.val) == 0:
+            return []
+        ids = list(range(min(len(self.val), batch_size * limit)))[rank::world]
+        return [self._batch(self.val, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+
+
+def load_for_training(model_dir: Path, seq_len: int | None = None):
+    from zhllama.model.extend_vocab import load_model  # one place that turns load failures into errors
+
+    model = load_model(model_dir)
+    model = model.float() if model.dtype != torch.float32 else model
+    model.config._attn_implementation = "sdpa"
+    limit = model.config.max_position_embeddings
+    if seq_len is not None and seq_len > limit:
+        raise ZhllamaError(f"--seq-len {seq_len} is larger than the model supports ({limit} positions)")
+    return model
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / "zhllama.json").exists():
+        raise ZhllamaError(f"{out} exists and is not a zhllama run; choose another --out")
+    if not resume and list_checkpoints(out):
+        raise ZhllamaError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
+
+
+def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, inputs: dict) -> Path:
+    """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer."""
+    final = run_dir / "final"
+    export = merged_for_export(model)
+    export.save_pretrained(str(final), safe_serialization=True)
+    copy_hf_tokenizer(model_dir, final)
+    write_provenance(final, command, args, inputs)
+    return final
+
+
+@torch.no_grad()
+def validate(model_dir: str | Path, data_dir: str | Path, batch_size: int = 8, batches: int = 16) -> dict:
+    """Validation loss, perplexity and next-token accuracy of a model on packed data's val split."""
+    import math
+
+    from zhllama.data.pack import PackedData, check_tokenizer
+    from zhllama.train.loop import token_loss
+
+    check_tokenizer(PackedData(data_dir, "train"), model_dir)
+    model = load_for_training(Path(model_dir)).eval()
+    data = PackedTrainData(Path(data_dir), PackedData(data_dir, "train").seq_len, reset_positions=False)
+    total = count = correct = 0
+    for batch in data.val_batches(batch_size, batches, 0, 1):
+        loss, n, c = token_loss(model, batch)
+        total, count, correct = total + float(loss), count + n, correct + c
+    if count == 0:
+        raise ZhllamaError(f"{data_dir} has no validation blocks; pack it with --val-fraction")
+    return {"loss": total / count, "perplexity": math.exp(total / count), "accuracy": correct / count}
+
+
+def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig,
+             resume: bool = False) -> Path:
+    """Continue pretraining `model_dir` on packed data; returns the run folder (final model in run/final)."""
+    from zhllama.data.pack import PackedData, check_tokenizer
+
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    packed = PackedData(data_dir, "train")
+    check_tokenizer(packed, model_dir)
+    seq_len = cfg.seq_len or packed.seq_len
+    if seq_len > packed.seq_len:
+        raise ZhllamaError(f"--seq-len {seq_len} is longer than the packed blocks ({packed.seq_len}); re-pack")
+    cfg.seq_len = seq_len
+    _check_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    model = prepare_trainable(load_for_training(model_dir, seq_len), cfg)
+    data = PackedTrainData(data_dir, seq_len, cfg.reset_position_ids)
+    args = {"model": str(model_dir), "data": str(data_dir), "config": to_dict(cfg), "resume": resume}
+    inputs = {"tokenizer": file_sha256(model_dir / "tokenizer.model"), "data_tokenizer": packed.tokenizer_sha256}
+    write_provenance(out, "train pretrain", args, inputs)
+    result = train_loop(model, data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        finish_run(result.model, out, model_dir, "train pretrain", args, inputs)
+    return out
+

@@ -1,0 +1,3 @@
+from zhllama.cli import main
+
+main()

@@ -1,0 +1,244 @@
+"""The one training loop, shared by continued pretraining and SFT.
+
+The data decides what a batch is (packed blocks, or templated conversations with loss masks); the loop
+decides everything else: precision, accumulation, schedule, clipping, distribution, checkpoints, logging.
+Every step sees the same global batch whatever the number of processes, and the loss is normalised by the
+global number of target tokens, so a 2-process run follows a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from zhllama.config import TrainConfig
+from zhllama.errors import ZhllamaError
+from zhllama.train import checkpoint
+from zhllama.train.logs import RunLog, plot_loss
+from zhllama.train.trainable import parameter_groups, trainable_state
+
+IGNORE = -100
+
+
+class TrainData(Protocol):
+    """Batches addressed by position in the global sample order, so that resuming and sharding are exact."""
+
+    def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]: ...
+
+    def num_train(self) -> int: ...
+
+    def val_batches(self, batch_size: int, limit: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class LoopResult:
+    model: torch.nn.Module
+    steps: int
+    last_val: dict | None
+
+
+def bf16_is_fast() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_is_fast() else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ZhllamaError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    return precision
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int):
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def sample_ids(step: int, micro: int, rank: int, cfg: TrainConfig, world: int, n: int) -> list[int]:
+    """Indices into the data for one micro-batch: a fresh seeded permutation per epoch."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    first = step * per_step + micro * cfg.batch_size * world + rank * cfg.batch_size
+    out = []
+    for g in range(first, first + cfg.batch_size):
+        epoch, offset = divmod(g, n)
+        out.append(int(_epoch_order(cfg.seed, epoch, n)[offset]))
+    return out
+
+
+def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token cross-entropy, number of targets, number of correct argmax predictions."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    mask = targets != IGNORE
+    correct = int(((logits.argmax(-1) == targets) & mask).sum())
+    return loss, int(mask.sum()), correct
+
+
+def _all_sum(accelerator, *values: float) -> list[float]:
+    if accelerator.num_processes == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+@torch.no_grad()
+def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | None:
+    batches = data.val_batches(cfg.batch_size, cfg.eval_batches, accelerator.process_index,
+                               accelerator.num_processes)
+    model.eval()
+    total = count = correct = 0.0
+    for batch in batches:
+        with accelerator.autocast():
+            loss, n, c = token_loss(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+        total, count, correct = total + float(loss), count + n, correct + c
+    model.train()
+    total, count, correct = _all_sum(accelerator, total, count, correct)
+    if count == 0:
+        return None
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": correct / count}
+
+
+def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool,
+               on_checkpoint=None) -> LoopResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    precision = resolve_precision(cfg.precision)
+    # cpu=True is what makes accelerate set up gloo under torchrun on a machine without a GPU.
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    set_seed(cfg.seed)
+    if data.num_train() == 0:
+        raise ZhllamaError("the training data has no complete block or example")
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available() or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    start = 0
+    log = RunLog(run_dir, enabled=main)
+    found = checkpoint.latest_checkpoint(run_dir) if resume else None
+    if found is not None and _sharded(accelerator):
+        raise ZhllamaError("--resume is not supported under FSDP or DeepSpeed yet (their optimizer state is "
+                           "sharded); resume with DDP (torchrun) instead")
+    if found is not None:
+        saved = checkpoint.load(found, rank)
+        missing = set(trainable_state(model)) - set(saved["model"])
+        if missing:
+            raise ZhllamaError(f"checkpoint {found} does not match this model (missing {sorted(missing)[0]})")
+        model.load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        start = saved["state"]["step"]
+        if saved["rng"] is not None:
+            checkpoint.set_rng_state(saved["rng"])
+        checkpoint.restore_python_rng(saved["python_rng"])
+        log.truncate_after(start)
+        if main:
+            print(f"resuming from {found} (step {start})", file=sys.stderr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    n = data.num_train()
+    tokens_seen = 0
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
+               disable=not main or None, dynamic_ncols=True)
+    last_val = None
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in bar:
+        micro = [data.train_batch(sample_ids(step, m, rank, cfg, world, n)) for m in range(cfg.grad_accum)]
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        (global_targets,) = _all_sum(accelerator, local_targets)
+        step_loss = 0.0
+        for batch in micro:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss_sum, _, _ = token_loss(model, batch)
+                # Sum over the global batch / its target count; accelerate averages over ranks and
+                # divides by the accumulation steps, which the two factors undo.
+                accelerator.backward(loss_sum * (world * cfg.grad_accum / global_targets))
+                step_loss += float(loss_sum.detach()) / global_targets
+                if accelerator.sync_gradients:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        (step_loss,) = _all_sum(accelerator, step_loss)
+        step_tokens = sum(b["input_ids"].numel() for b in micro) * world
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            log.write({"kind": "train", "step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens": done * step_tokens, "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{rate:,.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            last_val = evaluate(model, data, cfg, accelerator)
+            if last_val:
+                log.write({"kind": "val", "step": done, **last_val})
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            _save(accelerator, model, optimizer, scheduler, run_dir, done, cfg)
+            if on_checkpoint is not None and main:
+                on_checkpoint(done)
+    log.close()
+    accelerator.wait_for_everyone()
+    if main and checkpoint.read_any_log(run_dir):
+        plot_loss(run_dir)
+    return LoopResult(model=accelerator.unwrap_model(model), steps=cfg.max_steps, last_val=last_val)
+
+
+def _save(accelerator, model, optimizer, scheduler, run_dir: Path, step: int, cfg: TrainConfig) -> None:
+    main = accelerator.is_main_process
+    tmp = checkpoint.begin(run_dir, step, main)
+    accelerator.wait_for_everyone()
+    checkpoint.write_rank_files(tmp, accelerator.process_index)
+    # Sharded engines gather the full weights on every rank (a collective), so all ranks call it.
+    state = accelerator.get_state_dict(model) if _sharded(accelerator) else None
+    if main:
+        names = trainable_state(accelerator.unwrap_model(model))
+        state = {k: v for k, v in state.items() if k in names} if state is not None else names
+        checkpoint.write_main_files(tmp, state, optimizer, scheduler, {"step": step})
+    accelerator.wait_for_everyone()
+    if main:
+        checkpoint.finish(tmp, run_dir, step, {"step": step, "world_size": accelerator.num_processes},
+                          cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _sharded(accelerator) -> bool:
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)

@@ -1,0 +1,53 @@
+"""Which weights train: all of them, only the embeddings and lm_head, or LoRA adapters plus those."""
+
+from __future__ import annotations
+
+import torch
+
+from zhllama.config import TrainConfig
+from zhllama.errors import ZhllamaError
+
+MODES = ("all", "embeddings", "lora")
+EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
+
+
+def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    if cfg.trainable == "all":
+        model.requires_grad_(True)
+        return model
+    if cfg.trainable == "embeddings":
+        # The usual first stage after a vocabulary extension: the body stays as it was.
+        model.requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
+        return model
+    if cfg.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        settings = cfg.lora
+        lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                          target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+                          modules_to_save=EMBEDDING_MODULES if settings.train_embeddings else None)
+        return get_peft_model(model, lora)
+    raise ZhllamaError(f"unknown trainable mode {cfg.trainable!r}; choose one of {', '.join(MODES)}")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave norms and biases alone."""
+    decay, no_decay = [], []
+    for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must hold: everything that trains, plus nothing that cannot change."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def merged_for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain LlamaForCausalLM: LoRA folded into the base weights."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model

@@ -1,0 +1,16 @@
+from zhllama.demo import run_demo
+
+
+def test_quick_demo_runs_the_whole_road(tmp_path):
+    summary = run_demo(tmp_path / "demo", quick=True)
+    base, extended = summary["tokenizer"]
+    assert (base["vocab_size"], extended["vocab_size"]) == (32_000, 34_000)
+    assert extended["tokens_per_char"]["zh"] < 0.75 * base["tokens_per_char"]["zh"]
+    assert extended["tokens"]["en"] == base["tokens"]["en"] and extended["tokens"]["code"] == base["tokens"]["code"]
+    assert base["lossless"] and extended["lossless"]
+    assert summary["model"]["rows_before"] == 32_000 and summary["model"]["rows_after"] == 34_000
+    assert summary["clean"]["documents"]["kept"] < summary["clean"]["documents"]["in"]
+    assert summary["pretrain"]["after"]["perplexity"] < summary["pretrain"]["before"]["perplexity"]
+    for folder in ("tokenizer-llama2", "tokenizer-zh", "model-tiny-llama2", "model-tiny-zh", "packed",
+                   "run-pretrain"):
+        assert (tmp_path / "demo" / folder / "zhllama.json").exists()
