@@ -77,8 +77,9 @@ def ours_tokens_per_s(model_dir: Path, packed: Path, steps: int, work: Path, pre
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=15)
     p.add_argument("--chars", type=int, default=1_500_000)
+    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     work = args.work / "pretrain_throughput"
     work.mkdir(parents=True, exist_ok=True)
@@ -96,9 +97,15 @@ def main() -> None:
     packed = pack(tok, [corpus], SEQ, work / "packed")
     blocks = [PackedData(packed).block(i).tolist() for i in range(len(PackedData(packed)))]
 
-    results = {"baseline_hf_trainer_fp32": baseline_tokens_per_s(model_dir, blocks, args.steps, work),
-               "ours_fp32": ours_tokens_per_s(model_dir, packed, args.steps, work, "fp32"),
-               "ours_auto": ours_tokens_per_s(model_dir, packed, args.steps, work, "auto")}
+    # Alternate the two sides and keep each one's best round: load from elsewhere on the machine then
+    # hurts both alike instead of whichever happened to run during it.
+    rounds = {"baseline_hf_trainer_fp32": [], "ours_fp32": []}
+    for _ in range(args.rounds):
+        rounds["baseline_hf_trainer_fp32"].append(baseline_tokens_per_s(model_dir, blocks, args.steps, work))
+        rounds["ours_fp32"].append(ours_tokens_per_s(model_dir, packed, args.steps, work, "fp32"))
+    if bf16_is_fast():
+        rounds["ours_auto_bf16"] = [ours_tokens_per_s(model_dir, packed, args.steps, work, "auto")]
+    results = {name: max(values) for name, values in rounds.items()}
     base = results["baseline_hf_trainer_fp32"]
     lines = [f"tiny preset (h256, 4 layers, vocab 32,000), batch {BATCH} x seq {SEQ}, {args.steps} steps "
              f"(first {WARMUP} skipped); CPU bf16 fast path available: {bf16_is_fast()}; "
@@ -106,9 +113,11 @@ def main() -> None:
              "| trainer | tokens/s | ratio to baseline |", "|---|---|---|"]
     for name, rate in results.items():
         lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}x |")
-    lines += ["", "Goal: ours at least 1.2x the baseline on the 2-core CPU."]
-    write_results("pretrain_throughput", {"tokens_per_s": results, "steps": args.steps, "seq_len": SEQ,
-                                          "batch": BATCH, "bf16_fast_path": bf16_is_fast()}, "\n".join(lines))
+    lines += ["", "Best of {} alternating rounds each. Goal: ours at least 1.2x the baseline on the 2-core CPU."
+              .format(args.rounds)]
+    payload = {"tokens_per_s": results, "rounds": rounds, "steps": args.steps, "seq_len": SEQ, "batch": BATCH,
+               "bf16_fast_path": bf16_is_fast()}
+    write_results("pretrain_throughput", payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

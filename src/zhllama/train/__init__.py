@@ -92,7 +92,7 @@ def validate(model_dir: str | Path, data_dir: str | Path, batch_size: int = 8, b
     data = PackedTrainData(Path(data_dir), PackedData(data_dir, "train").seq_len, reset_positions=False)
     total = count = correct = 0
     for batch in data.val_batches(batch_size, batches, 0, 1):
-        loss, n, c = token_loss(model, batch)
+        loss, n, c = token_loss(model, batch, with_accuracy=True)
         total, count, correct = total + float(loss), count + n, correct + c
     if count == 0:
         raise ZhllamaError(f"{data_dir} has no validation blocks; pack it with --val-fraction")

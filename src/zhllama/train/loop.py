@@ -90,16 +90,19 @@ def sample_ids(step: int, micro: int, rank: int, cfg: TrainConfig, world: int, n
     return out
 
 
-def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token cross-entropy, number of targets, number of correct argmax predictions."""
+def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = False) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token cross-entropy, number of targets, and (for evaluation) correct argmax predictions.
+
+    The labels are shifted, not the logits: slicing the logits would copy the largest tensor of the step.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
+    logits = model(**inputs).logits
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
     mask = targets != IGNORE
-    correct = int(((logits.argmax(-1) == targets) & mask).sum())
+    correct = int(((logits.argmax(-1) == targets) & mask).sum()) if with_accuracy else 0
     return loss, int(mask.sum()), correct
 
 
@@ -118,7 +121,7 @@ def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | No
     total = count = correct = 0.0
     for batch in batches:
         with accelerator.autocast():
-            loss, n, c = token_loss(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+            loss, n, c = token_loss(model, {k: v.to(accelerator.device) for k, v in batch.items()}, True)
         total, count, correct = total + float(loss), count + n, correct + c
     model.train()
     total, count, correct = _all_sum(accelerator, total, count, correct)

@@ -1,0 +1,32 @@
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.train.test_pretrain import small_cfg, train_losses
+from zhllama.config import LoraSettings
+from zhllama.train import pretrain
+
+
+def test_embeddings_mode_trains_only_embed_tokens_and_lm_head(tiny_zh_model, packed_dir, tmp_path):
+    run = pretrain(tiny_zh_model, packed_dir, tmp_path / "emb", small_cfg(max_steps=2, trainable="embeddings"))
+    before = load_file(str(tiny_zh_model / "model.safetensors"))
+    after = load_file(str(run / "final" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"model.embed_tokens.weight", "lm_head.weight"}
+    saved = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
+    assert set(saved) == changed  # checkpoints hold what trains, not the frozen body
+
+
+def test_lora_mode_exports_a_plain_merged_model_that_learned(tiny_zh_model, packed_dir, tmp_path):
+    cfg = small_cfg(max_steps=6, trainable="lora", lr=5e-3, lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    run = pretrain(tiny_zh_model, packed_dir, tmp_path / "lora", cfg)
+    losses = train_losses(run)
+    assert losses[-1] < losses[0]
+    model = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("lora" in n for n in names)
+    base = load_file(str(tiny_zh_model / "model.safetensors"))
+    merged = load_file(str(run / "final" / "model.safetensors"))
+    assert set(merged) == set(base)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+        assert not torch.equal(base[name], merged[name])
