@@ -55,7 +55,3 @@ def iter_texts(paths: list[str | Path], report: ReadReport | None = None) -> Ite
                     report.skip(where, "no string `text` field")
                     continue
                 yield value
-
-
-def total_bytes(paths: list[str | Path]) -> int:
-    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())

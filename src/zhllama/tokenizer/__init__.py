@@ -13,7 +13,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.tokenizer.gguf_vocab import proto_from_gguf
 from zhllama.tokenizer.hf import write_hf_tokenizer
 from zhllama.tokenizer.merge import SCORE_SCHEMES, candidate_pieces, merge_protos, pad_vocab
-from zhllama.tokenizer.spm import ModelProto, load_proto, model_path, proto_sha256
+from zhllama.tokenizer.spm import ModelProto, load_proto, proto_sha256
 from zhllama.tokenizer.stats import as_dicts as stats_as_dicts
 from zhllama.tokenizer.stats import format_table, load_corpora, measure
 from zhllama.tokenizer.train import VocabTooSmall, train_spm
@@ -105,7 +105,3 @@ def _write_tokenizer(proto: ModelProto, out, command: str, args: dict, inputs: d
         write_provenance(tmp, command, args, inputs, tokenizer_sha256=proto_sha256(proto),
                          vocab_size=len(proto.pieces), **extra)
     return Path(out)
-
-
-def tokenizer_model_path(source: str | Path) -> Path:
-    return model_path(source)

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from zhllama.tokenizer.spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, ModelProto
+from zhllama.tokenizer.spm import NORMAL, USER_DEFINED, ModelProto
 
 HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -101,7 +101,3 @@ def copy_hf_tokenizer(src: Path, out: Path) -> None:
     for name in HF_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
-
-
-def is_special(piece_type: int) -> bool:
-    return piece_type in (CONTROL, UNKNOWN, BYTE)

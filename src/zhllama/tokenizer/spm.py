@@ -43,16 +43,6 @@ def proto_sha256(proto: ModelProto) -> str:
     return hashlib.sha256(proto.SerializeToString()).hexdigest()
 
 
-def has_byte_fallback(proto: ModelProto) -> bool:
-    return any(p.type == BYTE for p in proto.pieces)
-
-
-def special_ids(proto: ModelProto) -> dict[str, int]:
-    """unk/bos/eos/pad ids as the trainer spec names them (-1 when absent)."""
-    spec = proto.trainer_spec
-    return {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
-
-
 def is_han(ch: str) -> bool:
     """Han ideographs: the unified block, extensions A to H, and compatibility ideographs."""
     cp = ord(ch)

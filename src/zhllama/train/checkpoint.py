@@ -108,7 +108,3 @@ def load(path: Path, rank: int) -> dict:
 def restore_python_rng(state) -> None:
     if state is not None:
         random.setstate((state[0], tuple(state[1]), state[2]))
-
-
-def read_any_log(run_dir: Path) -> bool:
-    return (Path(run_dir) / "log.jsonl").exists()

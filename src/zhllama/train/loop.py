@@ -218,7 +218,7 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
                 on_checkpoint(done)
     log.close()
     accelerator.wait_for_everyone()
-    if main and checkpoint.read_any_log(run_dir):
+    if main and (run_dir / "log.jsonl").exists():
         plot_loss(run_dir)
     return LoopResult(model=accelerator.unwrap_model(model), steps=cfg.max_steps, last_val=last_val)
 
