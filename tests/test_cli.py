@@ -1,5 +1,6 @@
 """Bad input on the command line: a one-line error naming the problem, a non-zero exit, no output left."""
 
+import json
 import subprocess
 import sys
 
@@ -71,3 +72,30 @@ def test_out_folder_of_someone_else_is_not_overwritten(tmp_path, llama2_gguf):
 def test_groups_of_later_stages_say_so(group):
     result = run(group)
     assert result.returncode == 2 and "not in this version" in result.stderr
+
+
+def test_data_clean_and_pack_from_the_command_line(tmp_path, extended_dir):
+    rows = [{"text": "今天天气很好，我们去公园散步，看到很多人在锻炼身体。"}] * 2 + [{"text": "short"}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "{broken\n", encoding="utf-8")
+    result = run("data", "clean", "--input", src, "--out", tmp_path / "clean.jsonl", "--report", tmp_path / "r.json",
+                 "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["documents"]["kept"] == 1
+    assert report["documents"]["dropped"]["exact_duplicate"] == 1 and report["documents"]["dropped"]["too_short"] == 1
+    why = "malformed JSON (Expecting property name enclosed in double quotes)"
+    assert report["malformed"]["lines"] == [f"{src}:4: {why}"]
+    result = run("data", "pack", "--tokenizer", extended_dir, "--input", tmp_path / "clean.jsonl", "--seq-len", 8,
+                 "--out", tmp_path / "packed")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "packed" / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] == 1 and meta["seq_len"] == 8
+
+
+def test_train_with_an_unknown_recipe_field_is_a_one_line_error(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("max_stepz: 3\n")
+    result = run("train", "pretrain", "--model", tmp_path, "--data", tmp_path, "--out", tmp_path / "run",
+                 "--config", recipe)
+    assert_one_line_error(result, "unknown config field 'max_stepz'")

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,3 +132,13 @@ def test_corrupt_checkpoint_is_a_clear_error_and_partial_ones_are_ignored(tiny_z
     weights_file.write_bytes(weights_file.read_bytes()[:1000])
     with pytest.raises(ZhllamaError, match="step-000003 is corrupt"):
         pretrain(tiny_zh_model, packed_dir, run, small_cfg(max_steps=5), resume=True)
+
+
+def test_seq_len_beyond_the_model_positions_is_refused(tiny_zh_model, packed_dir, tmp_path):
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_zh_model, short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 32
+    (short / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZhllamaError, match="larger than the model supports"):
+        pretrain(short, packed_dir, tmp_path / "run", small_cfg())
