@@ -1,0 +1,21 @@
+"""Chat templates shared by SFT training, serving and other engines (see ``zhllama.chat.templates``)."""
+
+from zhllama.chat.templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    ChatTemplate,
+    get_template,
+    register_chat_template,
+    tokenize_conversation,
+    validate_messages,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "ChatTemplate",
+    "get_template",
+    "register_chat_template",
+    "tokenize_conversation",
+    "validate_messages",
+]

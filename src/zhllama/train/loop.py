@@ -131,8 +131,7 @@ def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | No
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": correct / count}
 
 
-def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool,
-               on_checkpoint=None) -> LoopResult:
+def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool) -> LoopResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -173,7 +172,6 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
     model.train()
 
     n = data.num_train()
-    tokens_seen = 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not main or None, dynamic_ncols=True)
     last_val = None
@@ -199,7 +197,6 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
         scheduler.step()
         (step_loss,) = _all_sum(accelerator, step_loss)
         step_tokens = sum(b["input_ids"].numel() for b in micro) * world
-        tokens_seen += step_tokens
         window_tokens += step_tokens
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
@@ -214,8 +211,6 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
                 log.write({"kind": "val", "step": done, **last_val})
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             _save(accelerator, model, optimizer, scheduler, run_dir, done, cfg)
-            if on_checkpoint is not None and main:
-                on_checkpoint(done)
     log.close()
     accelerator.wait_for_everyone()
     if main and (run_dir / "log.jsonl").exists():

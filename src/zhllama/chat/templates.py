@@ -1,0 +1,370 @@
+"""Chat templates shared by SFT training, our server and other engines.
+
+Every template exists twice: as Python code that renders a conversation into text *segments*, each flagged as an
+assistant target or not, and as a Jinja string that is stored in the saved tokenizer's ``chat_template``. The two
+render exactly the same string (the tests check this on many conversations), so ``tokenizer.apply_chat_template``,
+our own server and any engine that reads ``chat_template`` all build the same prompt that training saw.
+
+Conventions shared by all templates:
+
+* A conversation is a list of ``{"role": ..., "content": str}`` messages: an optional single leading ``system``
+  message, then ``user`` and ``assistant`` messages alternating, starting with ``user``. It may end with either.
+* The literal strings ``"<s>"`` and ``"</s>"`` in the rendered text are the tokenizer's BOS/EOS special tokens: a
+  Hugging Face tokenizer maps them to their ids when encoding with the default ``split_special_tokens=False``. So
+  rendered text is always tokenized with ``add_special_tokens=False`` (the template writes BOS itself).
+* The loss target of an assistant turn is its reply text plus its end-of-turn marker (``stop``); the header in front
+  of it (``"<s>Assistant: "``, ``"[/INST]"``, ``"<|im_start|>assistant\\n"``) and all other text are not targets.
+* ``add_generation_prompt=True`` appends the assistant header; it requires the conversation to end with a user
+  message (both the Python and the Jinja rendering refuse otherwise). For ``llama2`` the prompt already ends with
+  ``[/INST]``, so the flag adds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from zhllama.errors import ZhllamaError
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+Turn = tuple[str, "str | None"]
+Segments = list[tuple[str, bool]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Check a conversation and return it as a list of plain ``{"role", "content"}`` dicts.
+
+    Raises ZhllamaError with a one-line message when a role is unknown, a content is not a string, the system
+    message is not the first one, or user/assistant messages do not alternate starting with user.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ZhllamaError("a conversation must be a list of {'role', 'content'} messages")
+    out: list[dict[str, str]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise ZhllamaError(f"message {i}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise ZhllamaError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise ZhllamaError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    body = out[1:] if out and out[0]["role"] == "system" else out
+    if not body:
+        raise ZhllamaError("a conversation needs at least one user message")
+    offset = len(out) - len(body)
+    for j, msg in enumerate(body):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            where = "only as the first message" if msg["role"] == "system" else f"not {msg['role']!r}"
+            raise ZhllamaError(
+                f"message {j + offset}: expected role {expected!r} ({where}); "
+                "roles must be an optional system message, then user/assistant alternating, starting with user"
+            )
+    return out
+
+
+def _split(messages: Any) -> tuple[str | None, list[Turn]]:
+    """(system text or None, [(user, assistant or None), ...]) of a validated conversation."""
+    msgs = validate_messages(messages)
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    body = msgs[1:] if system is not None else msgs
+    turns: list[Turn] = []
+    for j in range(0, len(body), 2):
+        reply = body[j + 1]["content"] if j + 1 < len(body) else None
+        turns.append((body[j]["content"], reply))
+    return system, turns
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The template type
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One chat format: Python segment rendering plus the equivalent Jinja ``chat_template``.
+
+    ``stop`` is the end-of-turn marker(s) that close every assistant reply; a server stops generating there.
+    """
+
+    name: str
+    jinja: str
+    stop: tuple[str, ...]
+    description: str
+    _build: Callable[[str | None, list[Turn], bool], Segments] = field(repr=False, compare=False)
+
+    def render_segments(self, messages: Any, add_generation_prompt: bool = False) -> Segments:
+        """Text segments with a flag "is an assistant target" (reply text plus its end-of-turn marker)."""
+        system, turns = _split(messages)
+        return self._segments(system, turns, add_generation_prompt)
+
+    def render(self, messages: Any, add_generation_prompt: bool = False) -> str:
+        """The full prompt text; identical to rendering ``self.jinja`` with ``apply_chat_template``."""
+        return "".join(text for text, _ in self.render_segments(messages, add_generation_prompt))
+
+    def _segments(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
+        if add_generation_prompt and turns[-1][1] is not None:
+            raise ZhllamaError("add_generation_prompt needs a conversation that ends with a user message")
+        return [(text, target) for text, target in self._build(system, turns, add_generation_prompt) if text]
+
+
+# Jinja pieces shared by all templates. Rendered by transformers with trim_blocks/lstrip_blocks; we also use
+# whitespace control everywhere so that other Jinja engines produce the same text.
+_J_PRELUDE = r"""{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system_message = messages[0]['content'] -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set system_message = none -%}
+{%- set loop_messages = messages -%}
+{%- endif -%}
+{%- if not loop_messages -%}
+{{- raise_exception('a conversation needs at least one user message') -}}
+{%- endif -%}
+{%- if add_generation_prompt and loop_messages[-1]['role'] != 'user' -%}
+{{- raise_exception('add_generation_prompt needs a conversation that ends with a user message') -}}
+{%- endif -%}
+"""
+_J_CHECK = r"""{%- if message['role'] not in ['user', 'assistant'] or (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{- raise_exception('roles must be an optional system message, then user/assistant alternating, starting with user') -}}
+{%- endif -%}
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# atom: the seeds' format
+
+
+def _atom(system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
+    segs: Segments = []
+    if system is not None:
+        segs.append((f"<s>System: {system}\n</s>", False))
+    for user, reply in turns:
+        segs.append((f"<s>Human: {user}\n</s>", False))
+        if reply is not None:
+            segs.append(("<s>Assistant: ", False))
+            segs.append((f"{reply}\n</s>", True))
+    if add_generation_prompt:
+        segs.append(("<s>Assistant: ", False))
+    return segs
+
+
+_ATOM_JINJA = (
+    _J_PRELUDE
+    + r"""{%- if system_message is not none -%}
+{{- '<s>System: ' + system_message + '\n</s>' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+"""
+    + _J_CHECK
+    + r"""{%- if message['role'] == 'user' -%}
+{{- '<s>Human: ' + message['content'] + '\n</s>' -}}
+{%- else -%}
+{{- '<s>Assistant: ' + message['content'] + '\n</s>' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<s>Assistant: ' -}}
+{%- endif -%}
+"""
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# llama2: Meta's reference format (llama/generation.py, chat_completion)
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def _llama2(system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
+    """Exactly Meta's reference: the system text is folded into the first user message as
+    ``B_SYS + system + E_SYS + user`` (the system text itself is not stripped); then every prompt is
+    ``f"{bos}{B_INST} {prompt.strip()} {E_INST}"`` and every answer ``f" {answer.strip()} {eos}"``. So the only
+    stripping is of the whole (system-folded) user text and of the assistant text.
+    """
+    segs: Segments = []
+    for i, (user, reply) in enumerate(turns):
+        content = f"{B_SYS}{system}{E_SYS}{user}" if i == 0 and system is not None else user
+        segs.append((f"<s>{B_INST} {content.strip()} {E_INST}", False))
+        if reply is not None:
+            segs.append((f" {reply.strip()} </s>", True))
+    return segs
+
+
+_LLAMA2_JINJA = (
+    _J_PRELUDE
+    + r"""{%- for message in loop_messages -%}
+"""
+    + _J_CHECK
+    + r"""{%- if message['role'] == 'user' -%}
+{%- if loop.first and system_message is not none -%}
+{%- set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] -%}
+{%- else -%}
+{%- set content = message['content'] -%}
+{%- endif -%}
+{{- '<s>[INST] ' + (content | trim) + ' [/INST]' -}}
+{%- else -%}
+{{- ' ' + (message['content'] | trim) + ' </s>' -}}
+{%- endif -%}
+{%- endfor -%}
+"""
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chatml
+
+
+def _chatml(system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
+    """ChatML. ``<|im_start|>`` and ``<|im_end|>`` are not in the Llama vocabulary, so here they are plain text
+    (several ordinary tokens each); registering them as special tokens is a later step. The target is the reply
+    plus ``<|im_end|>``; the newline after it is not."""
+    segs: Segments = []
+    if system is not None:
+        segs.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+    for user, reply in turns:
+        segs.append((f"<|im_start|>user\n{user}<|im_end|>\n", False))
+        if reply is not None:
+            segs.append(("<|im_start|>assistant\n", False))
+            segs.append((f"{reply}<|im_end|>", True))
+            segs.append(("\n", False))
+    if add_generation_prompt:
+        segs.append(("<|im_start|>assistant\n", False))
+    return segs
+
+
+_CHATML_JINJA = (
+    _J_PRELUDE
+    + r"""{%- if system_message is not none -%}
+{{- '<|im_start|>system\n' + system_message + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+"""
+    + _J_CHECK
+    + r"""{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+)
+
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in (
+        ChatTemplate(
+            name="atom",
+            jinja=_ATOM_JINJA,
+            stop=("</s>",),
+            description="<s>Human: …\\n</s><s>Assistant: …\\n</s> (Atom/FlagAlpha Llama2-Chinese); "
+            "a system message becomes <s>System: …\\n</s> first",
+            _build=_atom,
+        ),
+        ChatTemplate(
+            name="llama2",
+            jinja=_LLAMA2_JINJA,
+            stop=("</s>",),
+            description="Meta's Llama-2-chat: <s>[INST] <<SYS>>\\n…\\n<</SYS>>\\n\\n… [/INST] … </s>",
+            _build=_llama2,
+        ),
+        ChatTemplate(
+            name="chatml",
+            jinja=_CHATML_JINJA,
+            stop=("<|im_end|>",),
+            description="ChatML: <|im_start|>role\\n…<|im_end|>\\n (markers are plain text in the Llama vocabulary)",
+            _build=_chatml,
+        ),
+    )
+}
+
+
+def get_template(name: str | ChatTemplate) -> ChatTemplate:
+    """The registered template called ``name`` (a ChatTemplate is returned as is)."""
+    if isinstance(name, ChatTemplate):
+        return name
+    try:
+        return TEMPLATES[name]
+    except (KeyError, TypeError):
+        raise ZhllamaError(f"unknown chat template {name!r}; known templates: {', '.join(sorted(TEMPLATES))}") from None
+
+
+def register_chat_template(tokenizer: Any, template: str | ChatTemplate) -> Any:
+    """Store the template's Jinja as ``tokenizer.chat_template`` (saved by ``save_pretrained``); returns the tokenizer.
+
+    For a folder written by ``zhllama.tokenizer.hf.write_hf_tokenizer``, pass ``chat_template=get_template(n).jinja``.
+    """
+    tokenizer.chat_template = get_template(template).jinja
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenization with loss masks
+
+
+def _encode(tokenizer: Any, segments: Segments, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """Tokenize the whole rendered text once and label tokens from character offsets.
+
+    The tokenizer prepends the dummy "▁" at the start of every encode call and after every special token, so
+    encoding segment by segment would not reproduce the ids of the whole text; encoding once does, and a token is
+    a target when any character it covers lies in a target segment (a token like "▁hi" that spans the space of the
+    "Assistant: " header and the reply's first letter is a target).
+    """
+    text = "".join(t for t, _ in segments)
+    mask = bytearray(len(text))
+    pos = 0
+    for seg, target in segments:
+        if target:
+            mask[pos : pos + len(seg)] = b"\x01" * len(seg)
+        pos += len(seg)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise ZhllamaError("tokenize_conversation needs a fast tokenizer (offset mapping)") from exc
+    ids = list(enc["input_ids"])
+    if train_on_prompt:
+        return ids, list(ids)
+    labels = []
+    for tok_id, (start, end) in zip(ids, enc["offset_mapping"]):
+        end = max(end, start + 1)
+        labels.append(tok_id if any(mask[start:end]) else IGNORE_INDEX)
+    return ids, labels
+
+
+def tokenize_conversation(
+    tokenizer: Any,
+    template: str | ChatTemplate,
+    messages: Any,
+    max_len: int | None = None,
+    train_on_prompt: bool = False,
+) -> dict[str, Any]:
+    """Token ids and labels of a conversation for SFT.
+
+    ``input_ids`` equal ``tokenizer.apply_chat_template(messages)`` with the template registered. ``labels`` hold
+    the ids of every assistant reply with its end-of-turn marker and -100 elsewhere (all ids when
+    ``train_on_prompt``). With ``max_len``, the oldest whole turns (user + assistant, the system message is kept)
+    are dropped until the conversation fits; ``dropped_turns`` says how many. If the last turn alone does not fit,
+    ZhllamaError is raised.
+    """
+    tpl = get_template(template)
+    system, turns = _split(messages)
+    if max_len is not None and max_len < 1:
+        raise ZhllamaError(f"max_len must be positive, got {max_len}")
+    dropped = 0
+    while True:
+        ids, labels = _encode(tokenizer, tpl._segments(system, turns, False), train_on_prompt)
+        if max_len is None or len(ids) <= max_len:
+            return {"input_ids": ids, "labels": labels, "dropped_turns": dropped}
+        if len(turns) == 1:
+            raise ZhllamaError(
+                f"the last turn of the conversation alone is {len(ids)} tokens, longer than max_len={max_len}"
+            )
+        turns = turns[1:]
+        dropped += 1
