@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from jinja2 import TemplateError
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -53,7 +54,8 @@ EXPECTED_TARGETS = {
 
 GEN_SUFFIX = {"atom": "<s>Assistant: ", "llama2": "", "chatml": "<|im_start|>assistant\n"}
 
-PIECES = ["你好", "今天天气怎么样？", "hello", "world", " ", "\n", "  spaced  ", "数学", "1+1=2", "Python 代码", "！", "é"]
+PIECES = ["你好", "今天天气怎么样？", "hello", "world", " ", "\n", "  spaced  ", "数学", "1+1=2", "Python 代码", "！"]
+PIECES += ["é", "\t"]
 
 
 def random_conversation(rng: random.Random) -> tuple[list[dict], bool]:
@@ -90,9 +92,13 @@ def test_exact_rendering(name):
 
 def test_generation_prompts():
     prompt = CONV[:2]
-    assert get_template("atom").render(prompt, True) == "<s>System: 你是一个乐于助人的助手。\n</s><s>Human: 你好\n</s><s>Assistant: "
+    assert get_template("atom").render(prompt, True) == (
+        "<s>System: 你是一个乐于助人的助手。\n</s><s>Human: 你好\n</s><s>Assistant: "
+    )
     assert get_template("llama2").render(prompt, True) == get_template("llama2").render(prompt, False)
-    assert get_template("llama2").render(prompt) == "<s>[INST] <<SYS>>\n你是一个乐于助人的助手。\n<</SYS>>\n\n你好 [/INST]"
+    assert get_template("llama2").render(prompt) == (
+        "<s>[INST] <<SYS>>\n你是一个乐于助人的助手。\n<</SYS>>\n\n你好 [/INST]"
+    )
     assert get_template("chatml").render(prompt, True) == (
         "<|im_start|>system\n你是一个乐于助人的助手。<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -133,12 +139,12 @@ def test_jinja_refuses_bad_conversations(name):
         [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
     ]
     for msgs in bad:
-        with pytest.raises(Exception):
+        with pytest.raises(TemplateError):
             jinja(t, msgs, False)
         with pytest.raises(ZhllamaError):
             t.render(msgs)
     ended = CONV[:3]
-    with pytest.raises(Exception):
+    with pytest.raises(TemplateError):
         jinja(t, ended, True)
     with pytest.raises(ZhllamaError):
         t.render(ended, add_generation_prompt=True)
@@ -201,7 +207,7 @@ def test_labels_cover_exactly_assistant_replies(name, tok):
     decoded = [tok.decode(r, skip_special_tokens=False) for r in runs]
     assert [d.lstrip(" ") for d in decoded] == EXPECTED_TARGETS[name]
     # every label is either -100 or the input id at that position
-    assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(enc["labels"], enc["input_ids"]))
+    assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(enc["labels"], enc["input_ids"], strict=True))
     # the end-of-turn marker of every reply is labelled
     if name in ("atom", "llama2"):
         eos_labelled = [lab for lab in enc["labels"] if lab == tok.eos_token_id]

@@ -131,7 +131,8 @@ _J_PRELUDE = r"""{%- if messages and messages[0]['role'] == 'system' -%}
 {{- raise_exception('add_generation_prompt needs a conversation that ends with a user message') -}}
 {%- endif -%}
 """
-_J_CHECK = r"""{%- if message['role'] not in ['user', 'assistant'] or (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+_J_CHECK = r"""{%- set expected_role = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}
+{%- if message['role'] != expected_role -%}
 {{- raise_exception('roles must be an optional system message, then user/assistant alternating, starting with user') -}}
 {%- endif -%}
 """
@@ -332,7 +333,7 @@ def _encode(tokenizer: Any, segments: Segments, train_on_prompt: bool) -> tuple[
     if train_on_prompt:
         return ids, list(ids)
     labels = []
-    for tok_id, (start, end) in zip(ids, enc["offset_mapping"]):
+    for tok_id, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
         end = max(end, start + 1)
         labels.append(tok_id if any(mask[start:end]) else IGNORE_INDEX)
     return ids, labels
