@@ -16,14 +16,15 @@ tokenizer_app = typer.Typer(help="Chinese vocabulary: from-gguf, train, merge, e
 model_app = typer.Typer(help="Models: init (random presets), extend-vocab.", no_args_is_help=True)
 data_app = typer.Typer(help="Corpora: clean (filter, dedup) and pack (tokenize into blocks).", no_args_is_help=True)
 train_app = typer.Typer(help="Training: continued pretraining.", no_args_is_help=True)
+lora_app = typer.Typer(help="LoRA adapters: merge into a standalone model.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(lora_app, name="lora")
 
 # Groups whose commands later stages add. Each says so instead of failing obscurely.
 _PLANNED = {
-    "lora": "Merge LoRA adapters",
     "convert": "Meta checkpoint to HF conversion",
     "chat": "Streaming terminal chat",
     "serve": "OpenAI-compatible HTTP API and web chat",
@@ -47,7 +48,7 @@ for _name, _what in _PLANNED.items():
     _planned_group(_name, _what)
 
 # Options that take several values (`--input a.jsonl b.jsonl`, as a shell glob gives them).
-MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name", "--data"}
+MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name", "--data", "--adapter"}
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -196,6 +197,16 @@ def train_pretrain(model_dir: Path = typer.Option(..., "--model"), data: Path = 
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
         save_every=save_every, eval_every=eval_every, seed=seed, trainable=trainable, precision=precision))
     typer.echo(pretrain(model_dir, data, out, cfg, resume=resume))
+
+
+@lora_app.command("merge")
+def lora_merge(base: Path = typer.Option(..., "--base", help="the HF model the adapters were trained on"),
+               adapter: Inputs = typer.Option(..., "--adapter", help="peft adapter folders, applied in order"),
+               out: Path = typer.Option(..., "--out")):
+    """Fold one or more LoRA adapters into the base weights; writes a standalone HF folder."""
+    from zhllama.train.lora import merge_adapters
+
+    typer.echo(merge_adapters(base, adapter, out))
 
 
 @app.command("demo")

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 from tests.train.test_pretrain import small_cfg, train_losses
 from zhllama.config import LoraSettings
 from zhllama.train import pretrain
+from zhllama.train.lora import merge_adapters
 
 
 def test_embeddings_mode_trains_only_embed_tokens_and_lm_head(tiny_zh_model, packed_dir, tmp_path):
@@ -30,3 +31,6 @@ def test_lora_mode_exports_a_plain_merged_model_that_learned(tiny_zh_model, pack
     assert set(merged) == set(base)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
         assert not torch.equal(base[name], merged[name])
+    # The adapter is kept too, and merging it onto the base gives the same model as final/.
+    again = load_file(str(merge_adapters(tiny_zh_model, [run / "adapter"], tmp_path / "again") / "model.safetensors"))
+    assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)

@@ -70,8 +70,10 @@ def _check_run_dir(out: Path, resume: bool) -> None:
 
 
 def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, inputs: dict) -> Path:
-    """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer."""
+    """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer; LoRA runs also keep adapter/."""
     final = run_dir / "final"
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(run_dir / "adapter"))  # for `zhllama lora merge` onto another copy of the base
     export = merged_for_export(model)
     export.save_pretrained(str(final), safe_serialization=True)
     copy_hf_tokenizer(model_dir, final)
