@@ -17,15 +17,16 @@ model_app = typer.Typer(help="Models: init (random presets), extend-vocab.", no_
 data_app = typer.Typer(help="Corpora: clean (filter, dedup) and pack (tokenize into blocks).", no_args_is_help=True)
 train_app = typer.Typer(help="Training: continued pretraining.", no_args_is_help=True)
 lora_app = typer.Typer(help="LoRA adapters: merge into a standalone model.", no_args_is_help=True)
+convert_app = typer.Typer(help="Checkpoint conversion: Meta's original format to HF.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(lora_app, name="lora")
+app.add_typer(convert_app, name="convert")
 
 # Groups whose commands later stages add. Each says so instead of failing obscurely.
 _PLANNED = {
-    "convert": "Meta checkpoint to HF conversion",
     "chat": "Streaming terminal chat",
     "serve": "OpenAI-compatible HTTP API and web chat",
     "eval": "C-Eval, CMMLU, perplexity, QA",
@@ -207,6 +208,15 @@ def lora_merge(base: Path = typer.Option(..., "--base", help="the HF model the a
     from zhllama.train.lora import merge_adapters
 
     typer.echo(merge_adapters(base, adapter, out))
+
+
+@convert_app.command("meta")
+def convert_meta(input: Path = typer.Option(..., "--input", help="folder with consolidated.*.pth and params.json"),
+                 out: Path = typer.Option(..., "--out")):
+    """Convert Meta's original Llama checkpoint (sharded or not) and tokenizer.model into an HF folder."""
+    from zhllama.model.meta import convert_meta as convert
+
+    typer.echo(convert(input, out))
 
 
 @app.command("demo")

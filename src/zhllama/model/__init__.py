@@ -6,6 +6,7 @@ zhllama.json), written whole or not at all.
 
 from zhllama.model.extend_vocab import INIT_METHODS, extend_vocab, initial_loss, text_nll
 from zhllama.model.init import init_model
+from zhllama.model.meta import convert_meta
 from zhllama.model.presets import PRESETS, Preset, llama_config
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
            "PRESETS",
            "Preset",
            "extend_vocab",
+           "convert_meta",
            "init_model",
            "initial_loss",
            "llama_config",
