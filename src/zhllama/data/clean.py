@@ -36,6 +36,7 @@ from zhllama.data.dedup import (
     signature,
     top_ngram_share,
 )
+from zhllama.data.readers import input_paths
 from zhllama.errors import ZhllamaError
 
 FILTERS = ("too_short", "symbols", "low_cjk", "dup_lines", "dup_ngrams", "top_ngram")
@@ -249,16 +250,6 @@ def _ordered_map(fn, chunks: Iterator, workers: int) -> Iterator:
 # ---------------------------------------------------------------------------------------------------------
 # The command
 
-def _resolve_inputs(inputs: list[str | Path]) -> list[Path]:
-    if not inputs:
-        raise ZhllamaError("no input files given")
-    paths = [Path(p) for p in inputs]
-    for path in paths:
-        if not path.is_file():
-            raise ZhllamaError(f"{path}: no such file")
-    return paths
-
-
 def _check(cfg: CleanConfig) -> None:
     shares = [cfg.min_cjk_share, cfg.max_symbol_share, cfg.max_dup_line_share, cfg.max_dup_line_char_share,
               cfg.near_dup_threshold] + [v for _, v in cfg.top_ngram_shares + cfg.dup_ngram_shares]
@@ -307,7 +298,7 @@ def clean_files(inputs: list[str | Path], out_path: str | Path, report_path: str
     cfg = CleanConfig(**asdict(cfg)) if cfg is not None else CleanConfig()
     cfg.workers = max(1, cfg.workers or os.cpu_count() or 1)
     _check(cfg)
-    paths = _resolve_inputs(inputs)
+    paths = input_paths(inputs)
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ZhllamaError(f"{out_path} is a folder; the output is one .jsonl file")

@@ -23,15 +23,21 @@ class ReadReport:
             print(f"warning: skipped {where}: {why}", file=sys.stderr)
 
 
+def input_paths(paths: list[str | Path]) -> list[Path]:
+    """The input files as paths, all checked to exist before any is read."""
+    if not paths:
+        raise ZhllamaError("no input files given")
+    resolved = [Path(p) for p in paths]
+    for path in resolved:
+        if not path.is_file():
+            raise ZhllamaError(f"{path}: no such file")
+    return resolved
+
+
 def iter_texts(paths: list[str | Path], report: ReadReport | None = None) -> Iterator[str]:
     """Yield the text of every document: a line of a .txt file, or the `text` field of a .jsonl row."""
     report = report if report is not None else ReadReport()
-    if not paths:
-        raise ZhllamaError("no input files given")
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise ZhllamaError(f"{path}: no such file")
+    for path in input_paths(paths):
         jsonl = path.suffix in (".jsonl", ".json")
         with path.open("rb") as fh:
             for lineno, line in enumerate(fh, 1):

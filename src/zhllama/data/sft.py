@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from zhllama.chat.templates import validate_messages
-from zhllama.data.readers import ReadReport
+from zhllama.data.readers import ReadReport, input_paths
 from zhllama.errors import ZhllamaError
 
 Conversation = list[dict[str, str]]
@@ -110,6 +110,14 @@ def _finish(messages: Any) -> Conversation:
     return out
 
 
+def _system_message(record: dict) -> list[dict[str, Any]]:
+    """The optional top-level `system` field both Alpaca and ShareGPT records may carry; empty means none."""
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ZhllamaError(f"`system` must be a string, got {type(system).__name__}")
+    return [{"role": "system", "content": system}] if system else []
+
+
 def _alpaca(record: dict) -> list[dict[str, Any]]:
     instruction, inp, output = record.get("instruction"), record.get("input"), record.get("output")
     if not isinstance(instruction, str):
@@ -118,12 +126,7 @@ def _alpaca(record: dict) -> list[dict[str, Any]]:
         raise ZhllamaError(f"`input` must be a string, got {type(inp).__name__}")
     if not isinstance(output, str):
         raise ZhllamaError(f"`output` must be a string, got {type(output).__name__}")
-    messages: list[dict[str, Any]] = []
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ZhllamaError(f"`system` must be a string, got {type(system).__name__}")
-    if system:
-        messages.append({"role": "system", "content": system})
+    messages = _system_message(record)
     history = record.get("history")
     if history is None:
         history = []
@@ -144,12 +147,7 @@ def _sharegpt(record: dict) -> list[dict[str, Any]]:
     items = record["conversations"]
     if not isinstance(items, list):
         raise ZhllamaError(f"`conversations` must be a list, got {type(items).__name__}")
-    messages: list[dict[str, Any]] = []
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ZhllamaError(f"`system` must be a string, got {type(system).__name__}")
-    if system:
-        messages.append({"role": "system", "content": system})
+    messages = _system_message(record)
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise ZhllamaError(f"conversations item {i}: expected an object, got {type(item).__name__}")
@@ -301,12 +299,7 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any, bool]]:
 def iter_conversations(paths: list[str | Path], report: ReadReport | None = None) -> Iterator[Conversation]:
     """Yield every conversation of the files, skipping (and reporting) rows that do not parse."""
     report = report if report is not None else ReadReport()
-    if not paths:
-        raise ZhllamaError("no input files given")
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise ZhllamaError(f"{path}: no such file")
+    for path in input_paths(paths):
         for where, value, is_csv in _iter_file(path):
             if isinstance(value, _Skip):
                 report.skip(where, str(value))

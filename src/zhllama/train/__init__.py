@@ -89,9 +89,10 @@ def validate(model_dir: str | Path, data_dir: str | Path, batch_size: int = 8, b
     from zhllama.data.pack import PackedData, check_tokenizer
     from zhllama.train.loop import token_loss
 
-    check_tokenizer(PackedData(data_dir, "train"), model_dir)
+    packed = PackedData(data_dir, "train")
+    check_tokenizer(packed, model_dir)
     model = load_for_training(Path(model_dir)).eval()
-    data = PackedTrainData(Path(data_dir), PackedData(data_dir, "train").seq_len, reset_positions=False)
+    data = PackedTrainData(Path(data_dir), packed.seq_len, reset_positions=False)
     total = count = correct = 0
     for batch in data.val_batches(batch_size, batches, 0, 1):
         loss, n, c = token_loss(model, batch, with_accuracy=True)
