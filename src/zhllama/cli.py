@@ -15,7 +15,7 @@ app = typer.Typer(help="Make Llama-family models fluent in Chinese.", no_args_is
 tokenizer_app = typer.Typer(help="Chinese vocabulary: from-gguf, train, merge, extend, stats.", no_args_is_help=True)
 model_app = typer.Typer(help="Models: init (random presets), extend-vocab.", no_args_is_help=True)
 data_app = typer.Typer(help="Corpora: clean (filter, dedup) and pack (tokenize into blocks).", no_args_is_help=True)
-train_app = typer.Typer(help="Training: continued pretraining.", no_args_is_help=True)
+train_app = typer.Typer(help="Training: continued pretraining and SFT.", no_args_is_help=True)
 lora_app = typer.Typer(help="LoRA adapters: merge into a standalone model.", no_args_is_help=True)
 convert_app = typer.Typer(help="Checkpoint conversion: Meta's original format to HF.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -198,6 +198,37 @@ def train_pretrain(model_dir: Path = typer.Option(..., "--model"), data: Path = 
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
         save_every=save_every, eval_every=eval_every, seed=seed, trainable=trainable, precision=precision))
     typer.echo(pretrain(model_dir, data, out, cfg, resume=resume))
+
+
+@train_app.command("sft")
+def train_sft(model_dir: Path = typer.Option(..., "--model"),
+              data: Inputs = typer.Option(..., "--data", help="seed CSV, Alpaca or ShareGPT .json/.jsonl files"),
+              template: str = typer.Option(None, "--template", help="atom|llama2|chatml (or set in the recipe)"),
+              out: Path = typer.Option(..., "--out"), config: Path = typer.Option(None, "--config"),
+              lora: bool = typer.Option(False, "--lora", help="train LoRA adapters instead of all weights"),
+              qlora: bool = typer.Option(False, "--qlora", help="LoRA on a 4-bit NF4 base (CUDA GPU only)"),
+              train_on_prompt: bool = typer.Option(None, "--train-on-prompt/--mask-prompt",
+                                                   help="loss on the prompts too (default: replies only)"),
+              packing: bool = typer.Option(None, "--packing/--no-packing"),
+              resume: bool = typer.Option(False, "--resume"),
+              max_steps: int = typer.Option(None, "--max-steps"),
+              batch_size: int = typer.Option(None, "--batch-size"),
+              grad_accum: int = typer.Option(None, "--grad-accum"), lr: float = typer.Option(None, "--lr"),
+              seq_len: int = typer.Option(None, "--seq-len"), save_every: int = typer.Option(None, "--save-every"),
+              eval_every: int = typer.Option(None, "--eval-every"), seed: int = typer.Option(None, "--seed"),
+              precision: str = typer.Option(None, "--precision", help="auto|bf16|fp32")):
+    """Supervised fine-tuning on conversations: loss on the replies only, packed rows, full/LoRA/QLoRA."""
+    from zhllama.config import SftConfig, load_config
+    from zhllama.train import sft
+
+    if lora and qlora:
+        raise ZhllamaError("choose one of --lora and --qlora")
+    trainable = "qlora" if qlora else "lora" if lora else None
+    cfg = load_config(SftConfig, config, dict(
+        template=template, train_on_prompt=train_on_prompt, packing=packing, max_steps=max_steps,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len, save_every=save_every,
+        eval_every=eval_every, seed=seed, trainable=trainable, precision=precision))
+    typer.echo(sft(model_dir, data, out, cfg, resume=resume))
 
 
 @lora_app.command("merge")

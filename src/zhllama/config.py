@@ -44,9 +44,27 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 where it is faster (GPU, CPUs with AVX512-BF16)
-    trainable: str = "all"  # all | embeddings (embed_tokens + lm_head) | lora (LoRA + embeddings)
-    reset_position_ids: bool = False  # restart positions at each document start inside a block
+    # all | embeddings (embed_tokens + lm_head) | lora (LoRA adapters, see lora.train_embeddings) | qlora (LoRA on
+    # a 4-bit NF4 base; needs a CUDA GPU and bitsandbytes)
+    trainable: str = "all"
+    # Restart positions at each document start inside a block; attention then stays inside each document.
+    reset_position_ids: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class SftConfig(TrainConfig):
+    """Supervised fine-tuning: the pretraining settings plus what turns conversations into batches."""
+
+    template: str | None = None  # atom | llama2 | chatml (required, from the recipe or --template)
+    seq_len: int | None = 1024  # longer conversations lose their oldest turns
+    packing: bool = True  # several conversations per row, attention kept inside each
+    train_on_prompt: bool = False  # loss on every token instead of only the assistant replies
+    val_fraction: float = 0.02  # conversations held out for the validation loss
+    lr: float = 2e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
 
 
 def _coerce(kind, value, name: str):

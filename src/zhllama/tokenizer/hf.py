@@ -14,7 +14,8 @@ from pathlib import Path
 
 from zhllama.tokenizer.spm import NORMAL, USER_DEFINED, ModelProto
 
-HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.jinja")
 
 
 def bpe_merges(proto: ModelProto) -> list[tuple[str, str]]:
@@ -101,3 +102,17 @@ def copy_hf_tokenizer(src: Path, out: Path) -> None:
     for name in HF_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
+
+
+def set_chat_template(folder: Path, jinja: str) -> None:
+    """Store a chat template in a tokenizer folder where every reader looks for it.
+
+    transformers 5 reads chat_template.jinja; older transformers and llama.cpp's converter read the
+    tokenizer_config.json field. Both get the same text.
+    """
+    folder = Path(folder)
+    (folder / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg["chat_template"] = jinja
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -8,14 +8,15 @@ import numpy as np
 import torch
 
 from zhllama.artifacts import file_sha256, write_provenance
-from zhllama.config import TrainConfig, to_dict
+from zhllama.config import SftConfig, TrainConfig, to_dict
 from zhllama.errors import ZhllamaError
-from zhllama.tokenizer.hf import copy_hf_tokenizer
+from zhllama.tokenizer.hf import copy_hf_tokenizer, set_chat_template
 from zhllama.train.checkpoint import latest_checkpoint, list_checkpoints
 from zhllama.train.loop import IGNORE, train_loop
 from zhllama.train.trainable import merged_for_export, prepare_trainable
 
-__all__ = ["IGNORE", "PackedTrainData", "TrainConfig", "finish_run", "load_for_training", "pretrain", "validate"]
+__all__ = ["IGNORE", "PackedTrainData", "SftConfig", "TrainConfig", "finish_run", "load_for_training", "pretrain", "sft",
+           "validate"]
 
 
 class PackedTrainData:
@@ -50,11 +51,18 @@ class PackedTrainData:
         return [self._batch(self.val, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
 
 
-def load_for_training(model_dir: Path, seq_len: int | None = None):
+def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = False):
+    """The model in fp32 (mixed precision autocasts from there), or with a frozen 4-bit NF4 base for QLoRA."""
     from zhllama.model.extend_vocab import load_model  # one place that turns load failures into errors
 
-    model = load_model(model_dir)
-    model = model.float() if model.dtype != torch.float32 else model
+    if nf4:
+        from zhllama.train.trainable import check_qlora_available, nf4_quantization_config
+
+        check_qlora_available()
+        model = load_model(model_dir, quantization_config=nf4_quantization_config(), device_map={"": 0})
+    else:
+        model = load_model(model_dir)
+        model = model.float() if model.dtype != torch.float32 else model
     model.config._attn_implementation = "sdpa"
     limit = model.config.max_position_embeddings
     if seq_len is not None and seq_len > limit:
@@ -69,14 +77,20 @@ def _check_run_dir(out: Path, resume: bool) -> None:
         raise ZhllamaError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
 
 
-def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, inputs: dict) -> Path:
-    """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer; LoRA runs also keep adapter/."""
+def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, inputs: dict,
+               chat_template: str | None = None) -> Path:
+    """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer (and the chat template SFT used);
+    LoRA runs also keep adapter/."""
     final = run_dir / "final"
     if hasattr(model, "peft_config"):
         model.save_pretrained(str(run_dir / "adapter"))  # for `zhllama lora merge` onto another copy of the base
     export = merged_for_export(model)
     export.save_pretrained(str(final), safe_serialization=True)
     copy_hf_tokenizer(model_dir, final)
+    if chat_template is not None:
+        set_chat_template(final, chat_template)
+        if (run_dir / "adapter").is_dir():
+            copy_hf_tokenizer(final, run_dir / "adapter")
     write_provenance(final, command, args, inputs)
     return final
 
@@ -128,3 +142,6 @@ def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: 
         finish_run(result.model, out, model_dir, "train pretrain", args, inputs)
     return out
 
+
+
+from zhllama.train.sft import sft  # noqa: E402  (sft.py imports this module's helpers lazily)

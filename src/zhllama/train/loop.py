@@ -97,7 +97,9 @@ def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = Fals
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
+    # No KV cache: with one, transformers skips the packed-sequence detection from position_ids and every
+    # document in a block would attend to the ones before it.
+    logits = model(**inputs, use_cache=False).logits
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     flat = logits.reshape(-1, logits.size(-1)).float()
     loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")

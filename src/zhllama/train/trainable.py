@@ -7,7 +7,7 @@ import torch
 from zhllama.config import TrainConfig
 from zhllama.errors import ZhllamaError
 
-MODES = ("all", "embeddings", "lora")
+MODES = ("all", "embeddings", "lora", "qlora")
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
 
 
@@ -21,8 +21,12 @@ def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
         model.get_input_embeddings().requires_grad_(True)
         model.get_output_embeddings().requires_grad_(True)
         return model
-    if cfg.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
+    if cfg.trainable in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.trainable == "qlora":
+            # Norms to fp32 and inputs that require grad, so that gradients reach the adapters of a 4-bit base.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         settings = cfg.lora
         lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -51,3 +55,21 @@ def merged_for_export(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+def check_qlora_available() -> None:
+    """QLoRA's NF4 kernels exist only for CUDA; say so before anything is loaded."""
+    if not torch.cuda.is_available():
+        raise ZhllamaError("QLoRA needs a CUDA GPU: bitsandbytes' 4-bit NF4 kernels do not run on CPU; "
+                           "use --lora (LoRA on the full-precision base) here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ZhllamaError("QLoRA needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def nf4_quantization_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)

@@ -1,0 +1,140 @@
+"""Supervised fine-tuning: conversations in, through the same loop as pretraining, a chat model out.
+
+The data is read (seed CSV, Alpaca, ShareGPT), rendered with a chat template, tokenized with loss masks on the
+assistant replies, and packed several conversations per row. The saved model's tokenizer carries the template as
+its ``chat_template``, so serving builds exactly the prompts that training saw.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zhllama.artifacts import file_sha256, write_provenance
+from zhllama.config import SftConfig, to_dict
+from zhllama.errors import ZhllamaError
+
+
+class SftTrainData:
+    """Rows of packed (or, with packing off, single) conversations, addressed as the loop wants them."""
+
+    def __init__(self, train, val, seq_len: int, packing: bool, pad_id: int):
+        from zhllama.data.sft_batches import pack_examples
+
+        self.train, self.val, self.pad_id = train, val, pad_id
+
+        def rows(examples):
+            if examples is None or len(examples) == 0:
+                return []
+            return pack_examples(examples.lengths(), seq_len) if packing else [[i] for i in range(len(examples))]
+
+        self.train_rows, self.val_rows = rows(train), rows(val)
+
+    def num_train(self) -> int:
+        return len(self.train_rows)
+
+    def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        from zhllama.data.sft_batches import collate
+
+        return collate(self.train, [self.train_rows[s] for s in samples], self.pad_id)
+
+    def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
+        from zhllama.data.sft_batches import collate
+
+        ids = list(range(min(len(self.val_rows), batch_size * limit)))[rank::world]
+        return [collate(self.val, [self.val_rows[i] for i in ids[s:s + batch_size]], self.pad_id)
+                for s in range(0, len(ids), batch_size)]
+
+    def useful_share(self) -> float:
+        """Share of the row slots that hold real tokens (the rest is padding), over the training rows."""
+        width = max((sum(len(self.train.input_ids[i]) for i in row) for row in self.train_rows), default=0)
+        return float(self.train.lengths().sum()) / max(1, width * len(self.train_rows))
+
+
+def check_model_vocab(model_dir: Path, tokenizer) -> None:
+    """A tokenizer with more pieces than the model has embedding rows is the wrong tokenizer for it."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if rows is not None and len(tokenizer) > rows:
+        raise ZhllamaError(f"the tokenizer in {model_dir} has {len(tokenizer):,} pieces but the model has {rows:,} "
+                           "embedding rows; it is not this model's tokenizer (after a vocabulary extension, run "
+                           "`zhllama model extend-vocab` first)")
+
+
+def split_conversations(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: a seeded choice of round(n * val_fraction) conversations is held out."""
+    if not 0 <= val_fraction < 1:
+        raise ZhllamaError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def prepare_sft_data(model_dir: Path, data: list[str | Path], cfg: SftConfig, progress: bool = True):
+    """Read, template, tokenize, split and pack; returns (SftTrainData, report dict)."""
+    from zhllama.chat import get_template
+    from zhllama.data.readers import ReadReport
+    from zhllama.data.sft import read_conversations
+    from zhllama.data.sft_batches import tokenize_examples
+    from zhllama.model.init import load_tokenizer
+
+    template = get_template(cfg.template) if cfg.template else None
+    if template is None:
+        raise ZhllamaError("SFT needs a chat template: pass --template (atom, llama2 or chatml) or set it in "
+                           "the recipe")
+    if not cfg.seq_len or cfg.seq_len < 8:
+        raise ZhllamaError(f"seq_len must be at least 8 for SFT, got {cfg.seq_len}")
+    report = ReadReport()
+    conversations = read_conversations(data, report)
+    tokenizer = load_tokenizer(model_dir)
+    check_model_vocab(model_dir, tokenizer)
+    examples = tokenize_examples(tokenizer, template, conversations, cfg.seq_len, cfg.train_on_prompt, progress)
+    examples.warn(cfg.seq_len)
+    if len(examples) == 0:
+        raise ZhllamaError(f"none of the {len(conversations)} conversations could be used (see the warnings)")
+    train_ids, val_ids = split_conversations(len(examples), cfg.val_fraction, cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data_ = SftTrainData(examples.subset(train_ids), examples.subset(val_ids) if val_ids else None,
+                         cfg.seq_len, cfg.packing, pad_id)
+    summary = {**examples.counts(), "rows_skipped": len(report.skipped), "skipped": report.skipped[:100],
+               "train_examples": len(train_ids), "val_examples": len(val_ids), "train_rows": data_.num_train(),
+               "packing": cfg.packing, "useful_token_share": data_.useful_share()}
+    return data_, summary
+
+
+def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: SftConfig,
+        resume: bool = False) -> Path:
+    """Fine-tune `model_dir` on conversations; returns the run folder (chat model in run/final)."""
+    import torch.distributed as dist
+
+    from zhllama.chat import get_template
+    from zhllama.model.init import tokenizer_sha256
+    from zhllama.train import _check_run_dir, finish_run, load_for_training
+    from zhllama.train.checkpoint import latest_checkpoint
+    from zhllama.train.loop import train_loop
+    from zhllama.train.trainable import check_qlora_available, prepare_trainable
+
+    model_dir, out = Path(model_dir), Path(out)
+    if cfg.trainable == "qlora":
+        check_qlora_available()  # before minutes of tokenizing
+    _check_run_dir(out, resume)
+    train_data, summary = prepare_sft_data(model_dir, data, cfg)
+    print(f"SFT data: {summary['train_examples']:,} conversations in {summary['train_rows']:,} rows "
+          f"({summary['useful_token_share']:.1%} of the slots are real tokens), {summary['val_examples']:,} "
+          f"held out; {summary['rows_skipped']} unreadable rows skipped", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_data.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    model = prepare_trainable(load_for_training(model_dir, cfg.seq_len, nf4=cfg.trainable == "qlora"), cfg)
+    args = {"model": str(model_dir), "data": [str(p) for p in data], "config": to_dict(cfg), "resume": resume}
+    inputs = {"tokenizer": tokenizer_sha256(model_dir), "data": [file_sha256(Path(p)) for p in data]}
+    write_provenance(out, "train sft", args, inputs)
+    result = train_loop(model, train_data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        finish_run(result.model, out, model_dir, "train sft", args, inputs,
+                   chat_template=get_template(cfg.template).jinja)
+    return out
+
