@@ -15,8 +15,8 @@ from zhllama.train.checkpoint import latest_checkpoint, list_checkpoints
 from zhllama.train.loop import IGNORE, train_loop
 from zhllama.train.trainable import merged_for_export, prepare_trainable
 
-__all__ = ["IGNORE", "PackedTrainData", "SftConfig", "TrainConfig", "finish_run", "load_for_training", "pretrain", "sft",
-           "validate"]
+__all__ = ["IGNORE", "PackedTrainData", "SftConfig", "TrainConfig", "finish_run", "load_for_training", "pretrain",
+           "sft", "validate"]
 
 
 class PackedTrainData:
