@@ -41,3 +41,11 @@ def zh_heldout_texts():
 @pytest.fixture(scope="session")
 def extended_dir(workdir, llama2_dir, zh_train_file):
     return tokenizer.extend(llama2_dir, [zh_train_file], EXTENDED_SIZE, workdir / "llama2-zh")
+
+
+@pytest.fixture(scope="session")
+def tiny_zh_model(workdir, extended_dir):
+    """A random tiny Llama (hidden 256, 4 layers) with the extended vocabulary."""
+    from zhllama import model
+
+    return model.init_model("tiny", extended_dir, workdir / "tiny-zh", seed=0)

@@ -11,6 +11,11 @@ def test_quick_demo_runs_the_whole_road(tmp_path):
     assert summary["model"]["rows_before"] == 32_000 and summary["model"]["rows_after"] == 34_000
     assert summary["clean"]["documents"]["kept"] < summary["clean"]["documents"]["in"]
     assert summary["pretrain"]["after"]["perplexity"] < summary["pretrain"]["before"]["perplexity"]
+    sft = summary["sft"]
+    assert sft["before"]["n"] == sft["after"]["n"] == 40 and sft["steps"] == 4
+    assert sum(sft["after"]["predicted"].values()) == 40
+    final = tmp_path / "demo" / "run-sft" / "final"
+    assert "<s>Human: " in (final / "chat_template.jinja").read_text()
     for folder in ("tokenizer-llama2", "tokenizer-zh", "model-tiny-llama2", "model-tiny-zh", "packed",
-                   "run-pretrain"):
+                   "run-pretrain", "run-sft"):
         assert (tmp_path / "demo" / folder / "zhllama.json").exists()

@@ -1,15 +1,9 @@
 import pytest
 
-from zhllama import model
 from zhllama.data import builtin
 from zhllama.data.pack import pack
 
 SEQ_LEN = 64
-
-
-@pytest.fixture(scope="session")
-def tiny_zh_model(workdir, extended_dir):
-    return model.init_model("tiny", extended_dir, workdir / "tiny-zh", seed=0)
 
 
 @pytest.fixture(scope="session")

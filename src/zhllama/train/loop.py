@@ -93,19 +93,26 @@ def sample_ids(step: int, micro: int, rank: int, cfg: TrainConfig, world: int, n
 def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = False) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy, number of targets, and (for evaluation) correct argmax predictions.
 
-    The labels are shifted, not the logits: slicing the logits would copy the largest tensor of the step.
+    The labels are shifted, not the logits: slicing the logits would copy the largest tensor of the step. When
+    most positions are not targets (SFT: only the replies are), the model projects only the target positions
+    onto the vocabulary (`logits_to_keep` as a mask): for a small model the vocabulary projection is most of
+    the work, and the loss is the same.
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    mask = targets != IGNORE
+    if int(mask.sum()) < 0.5 * mask.numel():
+        inputs["logits_to_keep"] = mask
+        targets = targets[mask]
     # No KV cache: with one, transformers skips the packed-sequence detection from position_ids and every
     # document in a block would attend to the ones before it.
     logits = model(**inputs, use_cache=False).logits
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     flat = logits.reshape(-1, logits.size(-1)).float()
     loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    mask = targets != IGNORE
-    correct = int(((logits.argmax(-1) == targets) & mask).sum()) if with_accuracy else 0
-    return loss, int(mask.sum()), correct
+    counted = targets != IGNORE
+    correct = int(((logits.argmax(-1) == targets) & counted).sum()) if with_accuracy else 0
+    return loss, int(counted.sum()), correct
 
 
 def _all_sum(accelerator, *values: float) -> list[float]:
