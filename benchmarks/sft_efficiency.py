@@ -10,11 +10,12 @@ oldest turns), so the only difference is how they are laid out.
 
 1. Useful-token share: real tokens / token slots over every batch of one epoch, per dataset and combined.
 2. Speed on the combined data: forward + backward + AdamW step of the tiny model (fp32, SDPA), loss = summed
-   token loss / targets. Each side has its own model and optimizer, and the two sides alternate step by step:
-   on a small shared CPU the speed drifts with whatever else runs, and interleaving spreads that drift over both
-   sides alike instead of charging it to whichever ran second. The first steps of each side are warm-up and not
-   timed. Useful tok/s counts real tokens only; slot tok/s counts padding too, to show that the gain comes from
-   wasting fewer slots, not from faster slots.
+   token loss / targets. Three sides: ours (packed rows, the vocabulary projection only at target positions),
+   packed rows with every logit computed (to separate the two gains), and the seed-style padded batches (every
+   logit, as the seed's model computes them). Each side has its own model and optimizer, and the sides alternate
+   step by step: on a small shared CPU the speed drifts with whatever else runs, and interleaving spreads that
+   drift over all sides alike instead of charging it to whichever ran last. The first steps of each side are
+   warm-up and not timed. Useful tok/s counts real tokens only; slot tok/s counts padding too.
 3. With CUDA (unless --no-gpu-presets): LoRA (and QLoRA when bitsandbytes imports) tokens/s and peak memory of the 1b
    preset on packed batches.
 """
@@ -44,6 +45,8 @@ DATASETS = {"dev_sft": "sft/llama2-chinese/dev_sft.csv",
             "dev_sft_sharegpt": "sft/llama2-chinese/dev_sft_sharegpt.csv",
             "medicalgpt_sharegpt_1k": "sft/medicalgpt/sharegpt_zh_1K_format.jsonl"}
 TEMPLATE, PRESET, WARMUP, SEED = "atom", "tiny", 2, 0
+# ours (packed rows, logits at targets only); packed rows with every logit; the seed's padded batches.
+SIDES = ("packed", "packed_full_logits", "padded")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,7 +68,7 @@ def make_batch(ex: SftExamples, side: str, rows: list[list[int]], pad_id: int) -
     """The model's batch and its number of real tokens."""
     lens = ex.lengths()
     useful = int(sum(lens[i] for row in rows for i in row))
-    if side == "packed":
+    if side != "padded":
         return collate(ex, rows, pad_id), useful
     idx = [row[0] for row in rows]
     return padded_batch(ex, idx, pad_id, pad_to=ceil8(int(max(lens[i] for i in idx)))), useful
@@ -92,8 +95,8 @@ def merge(parts: list[SftExamples]) -> SftExamples:
     return out
 
 
-def train_step(model, opt, batch: dict) -> None:
-    loss, n, _ = token_loss(model, batch)
+def train_step(model, opt, batch: dict, sparse_logits: bool = True) -> None:
+    loss, n, _ = token_loss(model, batch, sparse_logits=sparse_logits)
     (loss / max(n, 1)).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -105,15 +108,17 @@ def speed(model_dir: Path, ex: SftExamples, epochs: dict, pad_id: int, steps: in
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     base.config._attn_implementation = "sdpa"
     sides = {}
-    for side in ("packed", "padded"):
+    for side in SIDES:
         model = copy.deepcopy(base).train()
         sides[side] = {"model": model, "opt": torch.optim.AdamW(model.parameters(), lr=1e-4),
                        "time": 0.0, "useful": 0, "slots": 0, "step_s": []}
     for step in range(WARMUP + steps):
         for side, s in sides.items():
-            batch, useful = make_batch(ex, side, epochs[side][step % len(epochs[side])], pad_id)
+            rows = epochs["padded" if side == "padded" else "packed"]
+            batch, useful = make_batch(ex, side, rows[step % len(rows)], pad_id)
             start = time.perf_counter()
-            train_step(s["model"], s["opt"], batch)
+            # Ours projects only the target positions onto the vocabulary; the seed's model computes every logit.
+            train_step(s["model"], s["opt"], batch, sparse_logits=side == "packed")
             took = time.perf_counter() - start
             if step >= WARMUP:
                 s["time"] += took
@@ -220,7 +225,8 @@ def main() -> None:
                      f"{pk['share']:.1%} | {pd['share']:.1%} |")
     lines += ["", f"Speed on the combined data, {args.steps} interleaved steps per side after {WARMUP} warm-up:", "",
               "| method | useful tok/s | slot tok/s (incl. padding) | s/step |", "|---|---|---|---|"]
-    for side, label in (("packed", "ours (packed)"), ("padded", "seed-style (padded)")):
+    for side, label in (("packed", "ours (packed, logits at targets)"), ("packed_full_logits",
+                        "packed, every logit"), ("padded", "seed-style (padded, every logit)")):
         r = rates[side]
         lines.append(f"| {label} | {r['useful_tok_s']:,.0f} | {r['slot_tok_s']:,.0f} | "
                      f"{r['seconds'] / args.steps:.2f} |")

@@ -137,17 +137,17 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool) -> dict:
     from zhllama.train import sft
 
     t = _stage("9. SFT: review sentiment (判断下面这条评论的情感倾向 -> 正面/负面), held-out accuracy before/after")
-    records = builtin.sentiment_examples("train", 200 if quick else 12_000)
+    records = builtin.sentiment_examples("train", 200 if quick else None)  # all 15,806 distinct reviews
     train_file = out / "corpus" / "sentiment_sft.jsonl"
     train_file.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")},
                                              ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    heldout = builtin.sentiment_examples("heldout", 40 if quick else 400)
+    heldout = builtin.sentiment_examples("heldout", 40 if quick else None)
     prompts = [builtin.sentiment_prompt(r) for r in heldout]
     choices = [builtin.SENTIMENT_ANSWERS["pos"], builtin.SENTIMENT_ANSWERS["neg"]]
     answers = [0 if r["label"] == "pos" else 1 for r in heldout]
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "sft_sentiment_tiny.yaml"
     # The recipe where the repo is checked out; its main settings where only the package is installed.
-    settings = {} if recipe.exists() else {"template": "atom", "seq_len": 256, "max_steps": 400, "batch_size": 8,
+    settings = {} if recipe.exists() else {"template": "atom", "seq_len": 256, "max_steps": 600, "batch_size": 8,
                                            "lr": 4e-4, "warmup_steps": 10, "val_fraction": 0.01}
     if quick:
         settings.update(max_steps=4, batch_size=4, save_every=4, eval_every=4, eval_batches=2, log_every=1,

@@ -162,3 +162,22 @@ def test_cli_sft_run_and_qlora_without_gpu(tiny_zh_model, sft_file, tmp_path):
                  "--out", tmp_path / "q", "--qlora")
     assert_one_line_error(result, "QLoRA needs a CUDA GPU", "--lora")
     assert not (tmp_path / "q").exists()
+
+
+def test_two_process_sft_follows_the_one_process_loss_curve(tiny_zh_model, sft_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    one = sft(tiny_zh_model, [sft_file], tmp_path / "one", cfg_for(max_steps=3, batch_size=4))
+    (tmp_path / "r.yaml").write_text("warmup_steps: 1\nlog_every: 1\neval_batches: 2\nval_fraction: 0.0\n"
+                                     "save_every: 100\neval_every: 100\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zhllama",
+           "train", "sft", "--model", str(tiny_zh_model), "--data", str(sft_file), "--template", "atom",
+           "--out", str(tmp_path / "two"), "--max-steps", "3", "--batch-size", "2", "--lr", "2e-3",
+           "--seq-len", str(SEQ_LEN), "--seed", "0", "--precision", "fp32", "--config", str(tmp_path / "r.yaml")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one), rel=1e-5)
+    assert (tmp_path / "two" / "final" / "chat_template.jinja").is_file()

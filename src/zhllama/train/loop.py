@@ -90,7 +90,8 @@ def sample_ids(step: int, micro: int, rank: int, cfg: TrainConfig, world: int, n
     return out
 
 
-def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = False) -> tuple[torch.Tensor, int, int]:
+def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = False,
+               sparse_logits: bool = True) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy, number of targets, and (for evaluation) correct argmax predictions.
 
     The labels are shifted, not the logits: slicing the logits would copy the largest tensor of the step. When
@@ -102,7 +103,7 @@ def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = Fals
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     mask = targets != IGNORE
-    if int(mask.sum()) < 0.5 * mask.numel():
+    if sparse_logits and int(mask.sum()) < 0.5 * mask.numel():
         inputs["logits_to_keep"] = mask
         targets = targets[mask]
     # No KV cache: with one, transformers skips the packed-sequence detection from position_ids and every
