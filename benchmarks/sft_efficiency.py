@@ -10,9 +10,10 @@ oldest turns), so the only difference is how they are laid out.
 
 1. Useful-token share: real tokens / token slots over every batch of one epoch, per dataset and combined.
 2. Speed on the combined data: forward + backward + AdamW step of the tiny model (fp32, SDPA), loss = summed
-   token loss / targets. Three sides: ours (packed rows, the vocabulary projection only at target positions),
-   packed rows with every logit computed (to separate the two gains), and the seed-style padded batches (every
-   logit, as the seed's model computes them). Each side has its own model and optimizer, and the sides alternate
+   token loss / targets. Three sides: ours (packed rows, attention one conversation span at a time, the
+   vocabulary projection only at target positions), packed rows with SDPA's block mask and every logit computed
+   (to separate packing from the rest), and the seed-style padded batches (every logit, as the seed's model
+   computes them). Each side has its own model and optimizer, and the sides alternate
    step by step: on a small shared CPU the speed drifts with whatever else runs, and interleaving spreads that
    drift over all sides alike instead of charging it to whichever ran last. The first steps of each side are
    warm-up and not timed. Useful tok/s counts real tokens only; slot tok/s counts padding too.
@@ -40,12 +41,14 @@ from zhllama.data.sft_batches import SftExamples, collate, pack_examples, padded
 from zhllama.model import init_model
 from zhllama.model.init import load_tokenizer
 from zhllama.train.loop import token_loss
+from zhllama.train.varlen import register as register_varlen
 
 DATASETS = {"dev_sft": "sft/llama2-chinese/dev_sft.csv",
             "dev_sft_sharegpt": "sft/llama2-chinese/dev_sft_sharegpt.csv",
             "medicalgpt_sharegpt_1k": "sft/medicalgpt/sharegpt_zh_1K_format.jsonl"}
 TEMPLATE, PRESET, WARMUP, SEED = "atom", "tiny", 2, 0
-# ours (packed rows, logits at targets only); packed rows with every logit; the seed's padded batches.
+# ours (packed rows, per-conversation attention spans, logits at targets only); packed rows with SDPA's block mask
+# and every logit; the seed's padded batches.
 SIDES = ("packed", "packed_full_logits", "padded")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -110,6 +113,8 @@ def speed(model_dir: Path, ex: SftExamples, epochs: dict, pad_id: int, steps: in
     sides = {}
     for side in SIDES:
         model = copy.deepcopy(base).train()
+        if side == "packed":  # what `zhllama train sft` uses: attention one conversation span at a time
+            model.config._attn_implementation = register_varlen()
         sides[side] = {"model": model, "opt": torch.optim.AdamW(model.parameters(), lr=1e-4),
                        "time": 0.0, "useful": 0, "slots": 0, "step_s": []}
     for step in range(WARMUP + steps):
@@ -225,8 +230,8 @@ def main() -> None:
                      f"{pk['share']:.1%} | {pd['share']:.1%} |")
     lines += ["", f"Speed on the combined data, {args.steps} interleaved steps per side after {WARMUP} warm-up:", "",
               "| method | useful tok/s | slot tok/s (incl. padding) | s/step |", "|---|---|---|---|"]
-    for side, label in (("packed", "ours (packed, logits at targets)"), ("packed_full_logits",
-                        "packed, every logit"), ("padded", "seed-style (padded, every logit)")):
+    for side, label in (("packed", "ours (packed, attention per span, logits at targets)"), ("packed_full_logits",
+                        "packed, SDPA block mask, every logit"), ("padded", "seed-style (padded, every logit)")):
         r = rates[side]
         lines.append(f"| {label} | {r['useful_tok_s']:,.0f} | {r['slot_tok_s']:,.0f} | "
                      f"{r['seconds'] / args.steps:.2f} |")

@@ -63,7 +63,10 @@ def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = F
     else:
         model = load_model(model_dir)
         model = model.float() if model.dtype != torch.float32 else model
-    model.config._attn_implementation = "sdpa"
+    # SDPA, but a packed row's conversations (or documents) attend one span at a time: see train/varlen.py.
+    from zhllama.train.varlen import register
+
+    model.config._attn_implementation = register()
     limit = model.config.max_position_embeddings
     if seq_len is not None and seq_len > limit:
         raise ZhllamaError(f"--seq-len {seq_len} is larger than the model supports ({limit} positions)")

@@ -103,7 +103,7 @@ def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = Fals
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     mask = targets != IGNORE
-    if sparse_logits and int(mask.sum()) < 0.5 * mask.numel():
+    if sparse_logits and int(mask.sum()) < 0.9 * mask.numel():
         inputs["logits_to_keep"] = mask
         targets = targets[mask]
     # No KV cache: with one, transformers skips the packed-sequence detection from position_ids and every
