@@ -1,0 +1,66 @@
+"""The one rule for building prompts, shared by `chat`, `serve` and `generate`.
+
+1. The model's own ``chat_template`` (its tokenizer has one: every model `zhllama train sft` writes does), so
+   serving builds exactly the prompts that training saw.
+2. Otherwise ``--template NAME`` from our registry.
+3. Otherwise ``atom``, with a one-line warning.
+
+A too-long prompt is an error naming the lengths, or, when the caller asks, loses its oldest turns (the system
+message and the last user message stay) until it fits.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from zhllama.chat import TEMPLATES, ChatTemplate, get_template, validate_messages
+from zhllama.errors import ZhllamaError
+
+
+@dataclass
+class PromptBuilder:
+    tokenizer: Any
+    template: ChatTemplate | None  # ours, when the template is one of the registry's
+    stop: tuple[str, ...]  # end-of-turn strings; generation also stops on the EOS id
+    source: str  # "model", "--template" or "default"
+
+    def render(self, messages: list[dict]) -> str:
+        if self.template is not None:
+            return self.template.render(messages, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, messages: Any, max_prompt_tokens: int | None = None, truncate: bool = False) -> list[int]:
+        """Prompt ids for a conversation that ends with a user message."""
+        messages = validate_messages(messages)
+        if messages[-1]["role"] != "user":
+            raise ZhllamaError("the conversation must end with a user message")
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        body = messages[len(system):]
+        while True:
+            ids = self.tokenizer(self.render(system + body), add_special_tokens=False)["input_ids"]
+            if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
+                return ids
+            if not truncate or len(body) == 1:
+                what = "the last message alone" if truncate else "the prompt"
+                raise ZhllamaError(f"{what} is {len(ids)} tokens; at most {max_prompt_tokens} fit the model's "
+                                   "context with the requested max_tokens")
+            body = body[2:]  # the oldest user turn and its reply
+
+
+def prompt_builder(tokenizer, template: str | None = None) -> PromptBuilder:
+    """Apply the rule above to a loaded tokenizer and an optional --template name."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        if template is not None and get_template(template).jinja != own:
+            print(f"warning: the model has its own chat template; --template {template} is ignored", file=sys.stderr)
+        ours = next((t for t in TEMPLATES.values() if t.jinja == own), None)
+        stop = ours.stop if ours else ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+        return PromptBuilder(tokenizer, ours, stop, "model")
+    if template is not None:
+        chosen = get_template(template)
+        return PromptBuilder(tokenizer, chosen, chosen.stop, "--template")
+    print("warning: the model's tokenizer has no chat template and no --template was given; using atom",
+          file=sys.stderr)
+    return PromptBuilder(tokenizer, TEMPLATES["atom"], TEMPLATES["atom"].stop, "default")
