@@ -95,7 +95,7 @@ def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = Fals
     """Summed next-token cross-entropy, number of targets, and (for evaluation) correct argmax predictions.
 
     The labels are shifted, not the logits: slicing the logits would copy the largest tensor of the step. When
-    most positions are not targets (SFT: only the replies are), the model projects only the target positions
+    under 90% of positions are targets (SFT: only the replies are), the model projects only the target positions
     onto the vocabulary (`logits_to_keep` as a mask): for a small model the vocabulary projection is most of
     the work, and the loss is the same.
     """
