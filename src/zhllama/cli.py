@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -179,17 +180,26 @@ def data_pack(tokenizer_: Path = typer.Option(..., "--tokenizer"), input: Inputs
     typer.echo(pack(tokenizer_, input, seq_len, out, val_fraction=val_fraction, doc_boundaries=doc_boundaries))
 
 
+# Flags of the training loop shared by `train pretrain` and `train sft`; None means "not given, keep the recipe's".
+Resume = Annotated[bool, typer.Option("--resume")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size")]
+GradAccum = Annotated[int | None, typer.Option("--grad-accum")]
+Lr = Annotated[float | None, typer.Option("--lr")]
+SeqLen = Annotated[int | None, typer.Option("--seq-len")]
+SaveEvery = Annotated[int | None, typer.Option("--save-every")]
+EvalEvery = Annotated[int | None, typer.Option("--eval-every")]
+Seed = Annotated[int | None, typer.Option("--seed")]
+Precision = Annotated[str | None, typer.Option("--precision", help="auto|bf16|fp32")]
+
+
 @train_app.command("pretrain")
 def train_pretrain(model_dir: Path = typer.Option(..., "--model"), data: Path = typer.Option(..., "--data"),
                    out: Path = typer.Option(..., "--out"), config: Path = typer.Option(None, "--config"),
-                   resume: bool = typer.Option(False, "--resume"),
-                   max_steps: int = typer.Option(None, "--max-steps"),
-                   batch_size: int = typer.Option(None, "--batch-size"),
-                   grad_accum: int = typer.Option(None, "--grad-accum"), lr: float = typer.Option(None, "--lr"),
-                   seq_len: int = typer.Option(None, "--seq-len"), save_every: int = typer.Option(None, "--save-every"),
-                   eval_every: int = typer.Option(None, "--eval-every"), seed: int = typer.Option(None, "--seed"),
-                   trainable: str = typer.Option(None, "--trainable", help="all|embeddings|lora"),
-                   precision: str = typer.Option(None, "--precision", help="auto|bf16|fp32")):
+                   resume: Resume = False, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+                   grad_accum: GradAccum = None, lr: Lr = None, seq_len: SeqLen = None, save_every: SaveEvery = None,
+                   eval_every: EvalEvery = None, seed: Seed = None, precision: Precision = None,
+                   trainable: str = typer.Option(None, "--trainable", help="all|embeddings|lora")):
     """Continue pretraining on packed data (launch with torchrun or accelerate launch to distribute)."""
     from zhllama.config import TrainConfig, load_config
     from zhllama.train import pretrain
@@ -210,13 +220,9 @@ def train_sft(model_dir: Path = typer.Option(..., "--model"),
               train_on_prompt: bool = typer.Option(None, "--train-on-prompt/--mask-prompt",
                                                    help="loss on the prompts too (default: replies only)"),
               packing: bool = typer.Option(None, "--packing/--no-packing"),
-              resume: bool = typer.Option(False, "--resume"),
-              max_steps: int = typer.Option(None, "--max-steps"),
-              batch_size: int = typer.Option(None, "--batch-size"),
-              grad_accum: int = typer.Option(None, "--grad-accum"), lr: float = typer.Option(None, "--lr"),
-              seq_len: int = typer.Option(None, "--seq-len"), save_every: int = typer.Option(None, "--save-every"),
-              eval_every: int = typer.Option(None, "--eval-every"), seed: int = typer.Option(None, "--seed"),
-              precision: str = typer.Option(None, "--precision", help="auto|bf16|fp32")):
+              resume: Resume = False, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+              grad_accum: GradAccum = None, lr: Lr = None, seq_len: SeqLen = None, save_every: SaveEvery = None,
+              eval_every: EvalEvery = None, seed: Seed = None, precision: Precision = None):
     """Supervised fine-tuning on conversations: loss on the replies only, packed rows, full/LoRA/QLoRA."""
     from zhllama.config import SftConfig, load_config
     from zhllama.train import sft

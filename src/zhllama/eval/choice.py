@@ -23,25 +23,22 @@ def score_choices(model, tokenizer, template, prompts: list[list[dict]], choices
 
     A prompt is a conversation that ends with a user message.
     """
+    from zhllama.data.sft_batches import SftExamples, padded_batch
+
     template = get_template(template)
-    items = []
+    items = SftExamples()
     for messages in prompts:
         for choice in choices:
             enc = tokenize_conversation(tokenizer, template, [*messages, {"role": "assistant", "content": choice}])
-            items.append((enc["input_ids"], enc["labels"]))
+            items.input_ids.append(enc["input_ids"])
+            items.labels.append(enc["labels"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     scores = []
     model.eval()
     for start in tqdm(range(0, len(items), batch_size), desc="scoring", disable=not progress or None, leave=False):
-        chunk = items[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (tokens, targets) in enumerate(chunk):
-            ids[r, :len(tokens)], labels[r, :len(tokens)], mask[r, :len(tokens)] = (
-                torch.tensor(tokens), torch.tensor(targets), 1)
+        batch = padded_batch(items, list(range(start, min(start + batch_size, len(items)))), pad)
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
         keep = targets != IGNORE_INDEX
         # Only the reply positions are projected onto the vocabulary; logits come back flattened.
@@ -49,7 +46,7 @@ def score_choices(model, tokenizer, template, prompts: list[list[dict]], choices
                        use_cache=False).logits.float()
         logp = -F.cross_entropy(logits, targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
-        scores.extend(torch.zeros(len(chunk), device=device).index_add_(0, rows, logp).tolist())
+        scores.extend(torch.zeros(len(ids), device=device).index_add_(0, rows, logp).tolist())
     return np.array(scores).reshape(len(prompts), len(choices))
 
 

@@ -12,7 +12,7 @@ from zhllama.config import SftConfig, TrainConfig, to_dict
 from zhllama.errors import ZhllamaError
 from zhllama.tokenizer.hf import copy_hf_tokenizer, set_chat_template
 from zhllama.train.checkpoint import latest_checkpoint, list_checkpoints
-from zhllama.train.loop import IGNORE, train_loop
+from zhllama.train.loop import IGNORE, train_loop, val_index_batches
 from zhllama.train.trainable import merged_for_export, prepare_trainable
 
 __all__ = ["IGNORE", "PackedTrainData", "SftConfig", "TrainConfig", "finish_run", "load_for_training", "pretrain",
@@ -47,8 +47,7 @@ class PackedTrainData:
     def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
         if self.val is None or len(self.val) == 0:
             return []
-        ids = list(range(min(len(self.val), batch_size * limit)))[rank::world]
-        return [self._batch(self.val, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+        return [self._batch(self.val, ids) for ids in val_index_batches(len(self.val), batch_size, limit, rank, world)]
 
 
 def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = False):

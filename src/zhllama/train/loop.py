@@ -39,6 +39,12 @@ class TrainData(Protocol):
     def val_batches(self, batch_size: int, limit: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]: ...
 
 
+def val_index_batches(n: int, batch_size: int, limit: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of the first batch_size * limit validation items, cut into batches."""
+    ids = list(range(min(n, batch_size * limit)))[rank::world]
+    return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
 @dataclass
 class LoopResult:
     model: torch.nn.Module

@@ -44,10 +44,10 @@ class SftTrainData:
 
     def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
         from zhllama.data.sft_batches import collate
+        from zhllama.train.loop import val_index_batches
 
-        ids = list(range(min(len(self.val_rows), batch_size * limit)))[rank::world]
-        return [collate(self.val, [self.val_rows[i] for i in ids[s:s + batch_size]], self.pad_id)
-                for s in range(0, len(ids), batch_size)]
+        return [collate(self.val, [self.val_rows[i] for i in ids], self.pad_id)
+                for ids in val_index_batches(len(self.val_rows), batch_size, limit, rank, world)]
 
     def useful_share(self) -> float:
         """Share of the row slots that hold real tokens (the rest is padding), over the training rows."""
