@@ -49,3 +49,27 @@ def tiny_zh_model(workdir, extended_dir):
     from zhllama import model
 
     return model.init_model("tiny", extended_dir, workdir / "tiny-zh", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(workdir, tiny_zh_model):
+    """The tiny model with the atom template as its own chat_template, as `zhllama train sft` writes it."""
+    import shutil
+    from pathlib import Path
+
+    from zhllama.chat import get_template
+    from zhllama.tokenizer.hf import set_chat_template
+
+    folder = Path(shutil.copytree(tiny_zh_model, workdir / "tiny-chat"))
+    set_chat_template(folder, get_template("atom").jinja)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_chat_model):
+    """One HF engine (continuous batching thread included) for the whole session."""
+    from zhllama.infer import load_engine
+
+    engine = load_engine(tiny_chat_model, device="cpu", name="tiny-chat", max_tokens_limit=512)
+    yield engine
+    engine.close()

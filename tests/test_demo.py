@@ -19,3 +19,5 @@ def test_quick_demo_runs_the_whole_road(tmp_path):
     for folder in ("tokenizer-llama2", "tokenizer-zh", "model-tiny-llama2", "model-tiny-zh", "packed",
                    "run-pretrain", "run-sft"):
         assert (tmp_path / "demo" / folder / "zhllama.json").exists()
+    serve = summary["serve"]
+    assert serve["requests"] == 16 and serve["same_replies"] is True  # batching does not change greedy replies

@@ -28,8 +28,6 @@ app.add_typer(convert_app, name="convert")
 
 # Groups whose commands later stages add. Each says so instead of failing obscurely.
 _PLANNED = {
-    "chat": "Streaming terminal chat",
-    "serve": "OpenAI-compatible HTTP API and web chat",
     "eval": "C-Eval, CMMLU, perplexity, QA",
     "export": "GGUF export and quantisation",
 }
@@ -254,6 +252,82 @@ def convert_meta(input: Path = typer.Option(..., "--input", help="folder with co
     from zhllama.model.meta import convert_meta as convert
 
     typer.echo(convert(input, out))
+
+
+Template = Annotated[str | None, typer.Option("--template", help="atom|llama2|chatml, when the model has no "
+                                                                   "chat_template of its own")]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", help="most new tokens per reply")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy")]
+TopK = Annotated[int, typer.Option("--top-k", help="0 is off")]
+TopP = Annotated[float, typer.Option("--top-p")]
+RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="reproducible sampling (runs unbatched)")]
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop=()):
+    from zhllama.infer import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, stop=tuple(stop), seed=seed).check()
+
+
+@app.command("chat")
+def chat(model_dir: Path = typer.Option(..., "--model"), template: Template = None,
+         system: str = typer.Option(None, "--system", help="system prompt"), device: Device = "auto",
+         max_tokens: MaxTokens = 512, temperature: Temperature = 0.7, top_k: TopK = 0, top_p: TopP = 0.9,
+         repetition_penalty: RepetitionPenalty = 1.0, seed: SeedOption = None):
+    """Streaming multi-turn chat in the terminal (/reset, /system TEXT, /exit)."""
+    from zhllama.infer import load_engine
+    from zhllama.infer.chat import run_chat
+
+    params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    engine = load_engine(model_dir, template, device=device)
+    try:
+        run_chat(engine, params, system=system)
+    finally:
+        engine.close()
+
+
+@app.command("generate")
+def generate(model_dir: Path = typer.Option(..., "--model"),
+             prompt: str = typer.Option(..., "--prompt", help="one user message"),
+             template: Template = None, system: str = typer.Option(None, "--system"), device: Device = "auto",
+             raw: bool = typer.Option(False, "--raw", help="continue the text as is, with no chat template"),
+             max_tokens: MaxTokens = 256, temperature: Temperature = 0.0, top_k: TopK = 0, top_p: TopP = 1.0,
+             repetition_penalty: RepetitionPenalty = 1.0, seed: SeedOption = None,
+             stop: list[str] = typer.Option(None, "--stop", help="stop strings (repeatable)")):
+    """One reply, streamed to stdout (greedy by default)."""
+    from zhllama.infer import load_engine
+
+    params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
+    engine = load_engine(model_dir, template, device=device)
+    try:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = engine.encode_text(prompt, params) if raw else engine.encode_chat(messages, params)
+        for delta in engine.stream(ids, params):
+            typer.echo(delta.text, nl=False)
+        typer.echo()
+    finally:
+        engine.close()
+
+
+@app.command("serve")
+def serve(model_dir: Path = typer.Option(..., "--model"), template: Template = None,
+          host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes the server to the network"),
+          port: int = typer.Option(8000, "--port"),
+          api_key: list[str] = typer.Option(None, "--api-key", help="required bearer token (repeatable)"),
+          max_concurrency: int = typer.Option(16, "--max-concurrency", help="requests decoded together"),
+          max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", help="largest max_tokens accepted"),
+          max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes"),
+          device: Device = "auto", name: str = typer.Option(None, "--name", help="model id in the API")):
+    """OpenAI-compatible HTTP API and web chat page, batching concurrent requests."""
+    from zhllama.serve import ServeConfig, run_server
+
+    run_server(ServeConfig(model_dir=model_dir, template=template, host=host, port=port,
+                           api_keys=tuple(api_key or ()), max_concurrency=max_concurrency,
+                           max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, device=device,
+                           name=name))
 
 
 @app.command("demo")

@@ -123,6 +123,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     _done(t)
 
     summary["sft"] = _sentiment_sft(out, run / "final", quick)
+    summary["serve"] = _serving(out / "run-sft" / "final", quick)
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     print(f"\nEverything is under {out}/ (summary.json holds the figures).")
     return summary
@@ -163,3 +164,54 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool) -> dict:
           f"after {after['predicted']}); chat model with its template: {run / 'final'}")
     _done(t)
     return {"train_examples": len(records), "steps": cfg.max_steps, "before": before, "after": after}
+
+
+def _serving(chat_model: Path, quick: bool) -> dict:
+    """Stage 10: serve the SFT model over the OpenAI API; the same held-out reviews one by one and all at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zhllama.infer import load_engine
+    from zhllama.serve import ServeConfig, serve_in_thread
+
+    t = _stage("10. Serve it: OpenAI-compatible API with continuous batching (one at a time vs 16 at once)")
+    engine = load_engine(chat_model, device="cpu", name="zhllama-demo")
+    background = serve_in_thread(engine, ServeConfig(port=0, max_concurrency=16))
+    try:
+        reviews = builtin.sentiment_examples("heldout", 16 if quick else 64, seed=1)
+
+        def ask(review: dict) -> str:
+            body = {"model": engine.name, "temperature": 0, "max_tokens": 4,
+                    "messages": builtin.sentiment_prompt(review)}
+            return _post_json(background.url + "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+        start = time.perf_counter()
+        one_by_one = [ask(r) for r in reviews]
+        sequential_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(ask, reviews))
+        batched_s = time.perf_counter() - start
+        expected = [builtin.SENTIMENT_ANSWERS[r["label"]] for r in reviews]
+        correct = sum(reply.strip() == answer for reply, answer in zip(together, expected, strict=True))
+        print(f"{len(reviews)} held-out reviews as chat requests: one at a time {sequential_s:.1f} s, 16 at once "
+              f"{batched_s:.1f} s ({sequential_s / batched_s:.1f}x); same replies both ways: "
+              f"{one_by_one == together}; accuracy of the generated answers {correct / len(reviews):.1%}")
+        print(f"try it: zhllama serve --model {chat_model}  (web chat at http://127.0.0.1:8000/), "
+              f"or zhllama chat --model {chat_model}")
+        result = {"requests": len(reviews), "sequential_s": sequential_s, "batched_s": batched_s,
+                  "speedup": sequential_s / batched_s, "same_replies": one_by_one == together,
+                  "generated_accuracy": correct / len(reviews)}
+    finally:
+        background.stop()
+        engine.close()
+    _done(t)
+    return result
+
+
+def _post_json(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body, ensure_ascii=False).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())

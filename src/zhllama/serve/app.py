@@ -1,0 +1,271 @@
+"""The OpenAI-compatible server: routes, auth, limits, slots, streaming and the web page at ``/``.
+
+Every generation holds one of ``max_concurrency`` slots; the engine decodes all slot holders together. A
+streaming client that goes away cancels its task, and the cancellation reaches ``Engine.astream``, which cancels
+the generation and so frees the slot at once. A non-streaming request is watched for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zhllama.errors import ZhllamaError
+from zhllama.infer.engine import Engine
+from zhllama.infer.params import SamplingParams
+from zhllama.serve import protocol
+from zhllama.serve.metrics import Metrics
+
+log = logging.getLogger("zhllama.serve")
+
+
+@dataclass
+class ServeConfig:
+    model_dir: Path | None = None
+    template: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_concurrency: int = 16
+    max_tokens_limit: int = 2048
+    default_max_tokens: int = 512
+    max_body_bytes: int = 1_000_000
+    device: str = "auto"
+    name: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, protocol.error_body(message, type_, param, code)
+
+
+class Slots:
+    """At most ``n`` generations at once; the rest wait in line, and the metrics see both numbers."""
+
+    def __init__(self, n: int, metrics: Metrics):
+        self.semaphore, self.metrics = asyncio.Semaphore(n), metrics
+
+    async def __aenter__(self):
+        self.metrics.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.metrics.waiting -= 1
+        self.metrics.running += 1
+
+    async def __aexit__(self, *exc):
+        self.metrics.running -= 1
+        self.semaphore.release()
+
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    app = FastAPI(title="zhllama", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics()
+    slots = Slots(config.max_concurrency, metrics)
+    limit = min(config.max_tokens_limit, engine.max_tokens_limit)
+    default_max_tokens = min(config.default_max_tokens, limit)
+    app.state.engine, app.state.metrics, app.state.slots = engine, metrics, slots
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    def check_auth(request: Request) -> None:
+        if not config.api_keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Every key is compared, each in constant time, so timing tells nothing about which one nearly matched.
+        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; the limit is {config.max_body_bytes}")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > config.max_body_bytes:
+                raise ApiError(413, f"the request body is over the limit of {config.max_body_bytes} bytes")
+        return protocol.parse_body(bytes(body))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ZhllamaError)
+    async def _bad_request(request: Request, exc: ZhllamaError):
+        status = 404 if isinstance(exc, protocol.ModelNotFound) else 400
+        param = getattr(exc, "param", None)
+        code = "model_not_found" if status == 404 else None
+        return JSONResponse(protocol.error_body(str(exc), param=param, code=code), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(protocol.error_body(str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("internal error")
+        return JSONResponse(protocol.error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_page():
+        return HTMLResponse(resources.files("zhllama.serve").joinpath("static/index.html").read_text("utf-8"))
+
+    @app.get("/health")
+    async def health():
+        ok = engine.healthy()
+        body = {"status": "ok" if ok else "engine stopped", "model": engine.name,
+                "auth_required": bool(config.api_keys), "running": metrics.running, "waiting": metrics.waiting,
+                "max_tokens_limit": limit, "context_length": engine.context_length}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        check_auth(request)
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [_model_card(engine)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request):
+        check_auth(request)
+        if model_id != engine.name:
+            raise protocol.ModelNotFound(f"the model {model_id!r} does not exist; this server serves "
+                                         f"{engine.name!r}")
+        return _model_card(engine)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        started = time.perf_counter()
+        check_auth(request)
+        req = protocol.parse_chat(await read_json(request), engine.name, default_max_tokens, limit)
+        ids = engine.encode_chat(req.messages, req.params, truncate=req.truncate)
+        rid = protocol.new_id("chatcmpl")
+        if req.stream:
+            def chunk(text, finish=None):
+                return protocol.chat_chunk(rid, engine.name, {"content": text} if text else {}, finish)
+
+            first = protocol.chat_chunk(rid, engine.name, {"role": "assistant", "content": ""})
+            events = stream_events(ids, req, chunk, first, "chat.completion.chunk", rid, started)
+            return _sse_response(events)
+        result = await watch_disconnect(request, generate(ids, req.params, started))
+        return protocol.chat_response(rid, engine.name, result)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        started = time.perf_counter()
+        check_auth(request)
+        req = protocol.parse_completion(await read_json(request), engine.name, default_max_tokens, limit)
+        ids = engine.encode_text(req.prompt, req.params)
+        rid = protocol.new_id("cmpl")
+        if req.stream:
+            def chunk(text, finish=None):
+                return protocol.completion_chunk(rid, engine.name, text, finish)
+
+            events = stream_events(ids, req, chunk, None, "text_completion", rid, started)
+            return _sse_response(events)
+        result = await watch_disconnect(request, generate(ids, req.params, started))
+        return protocol.completion_response(rid, engine.name, result)
+
+    async def generate(ids: list[int], params: SamplingParams, started: float):
+        async with slots:
+            result = await engine.agenerate(ids, params)
+        metrics.prompt_tokens += result.prompt_tokens
+        metrics.completion_tokens += result.completion_tokens
+        metrics.latency.observe(time.perf_counter() - started)
+        return result
+
+    async def stream_events(ids, req, chunk, first, obj, rid, started) -> AsyncIterator[bytes]:
+        tokens, first_seen = 0, False
+        try:
+            async with slots:
+                if first is not None:
+                    yield protocol.sse(first)
+                async for delta in engine.astream(ids, req.params):
+                    tokens = delta.completion_tokens
+                    if not first_seen:
+                        first_seen = True
+                        metrics.time_to_first_token.observe(time.perf_counter() - started)
+                    if delta.error:
+                        yield protocol.sse(protocol.error_body(f"generation failed: {delta.error}", "server_error"))
+                        break
+                    if delta.text:
+                        yield protocol.sse(chunk(delta.text))
+                    if delta.finish_reason:
+                        yield protocol.sse(chunk("", delta.finish_reason))
+                if req.include_usage:
+                    yield protocol.sse(protocol.usage_chunk(rid, engine.name, obj, len(ids), tokens))
+                yield protocol.sse("[DONE]")
+                metrics.latency.observe(time.perf_counter() - started)
+        except (asyncio.CancelledError, GeneratorExit):
+            metrics.disconnects += 1
+            raise
+        finally:
+            metrics.prompt_tokens += len(ids)
+            metrics.completion_tokens += tokens
+
+    async def watch_disconnect(request: Request, work):
+        """Run ``work``; if the client disconnects first, cancel it, which frees its slot."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.2)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    metrics.disconnects += 1
+                    raise ApiError(499, "the client closed the connection")
+        finally:
+            task.cancel()
+
+    return app
+
+
+def _model_card(engine: Engine) -> dict:
+    return {"id": engine.name, "object": "model", "created": 0, "owned_by": "zhllama",
+            "context_length": engine.context_length}
+
+
+def _sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    # no-cache and no proxy buffering: every token must reach the client as it is made
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _CountRequests:
+    """ASGI middleware counting responses by endpoint and status (it never buffers a stream)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in _KNOWN_PATHS else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests[(endpoint, int(message["status"]))] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+_KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
