@@ -100,7 +100,7 @@ def test_a_refused_question_is_reported_and_the_chat_goes_on(tiny_engine):
     too_long = "你好" * tiny_engine.context_length  # alone longer than the context: encode_chat refuses it
     assert session.reply(too_long) is None
     assert "error: the last message alone is" in out.getvalue()
-    # max_tokens beyond the engine's limit: the prompt encodes, the stream refuses it on its first step
+    # max_tokens beyond the engine's limit: the prompt encodes, and the stream refuses it before generating
     session.params = SamplingParams(temperature=0, max_tokens=tiny_engine.max_tokens_limit + 1)
     assert session.reply("你好") is None
     assert out.getvalue().endswith(f"error: max_tokens must be between 1 and {tiny_engine.max_tokens_limit}, "

@@ -318,3 +318,37 @@ def test_storm_of_mixed_requests(live_server):
     assert after["zhllama_client_disconnects_total"] > before["zhllama_client_disconnects_total"]
     served = httpx.get(live_server.url + "/metrics", headers=live_server.headers(), timeout=10).text
     assert 'status="5' not in served, [line for line in served.splitlines() if 'status="5' in line]
+
+
+def test_client_that_leaves_while_queued_gives_up_its_place(live_server):
+    """All 8 slots busy with long streams; a 9th client waits in line, leaves, and the line is empty at once."""
+
+    async def scenario():
+        body = {**good_chat(model_name(live_server)), "max_tokens": 256, "stream": True}
+        async with httpx.AsyncClient(base_url=live_server.base_url, headers=live_server.headers(),
+                                     timeout=30) as client:
+            async def hold():
+                async with client.stream("POST", "/chat/completions", json=body) as response:
+                    async for _ in response.aiter_lines():
+                        await asyncio.sleep(0)
+
+            holders = [asyncio.create_task(hold()) for _ in range(8)]
+            while live_server.app.state.metrics.running < 8:
+                await asyncio.sleep(0.01)
+            queued = asyncio.create_task(hold())
+            while live_server.app.state.metrics.waiting < 1:
+                await asyncio.sleep(0.01)
+            queued.cancel()  # the client closes its connection while still waiting for a slot
+            left = time.perf_counter()
+            while live_server.app.state.metrics.waiting:
+                await asyncio.sleep(0.01)
+            gone_after = time.perf_counter() - left
+            still_running = live_server.app.state.metrics.running
+            for task in holders:
+                task.cancel()
+            await asyncio.gather(*holders, queued, return_exceptions=True)
+            return gone_after, still_running
+
+    gone_after, still_running = asyncio.run(scenario())
+    assert gone_after < 1.0 and still_running == 8  # it left the line without ever taking a slot
+    assert wait_idle(live_server) < 2.0

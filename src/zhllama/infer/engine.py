@@ -67,8 +67,17 @@ class Engine(ABC):
     # --- generation ----------------------------------------------------------------------------------------
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
-        events: queue.Queue = queue.Queue()
+        """Deltas as they come; closing the iterator early cancels the generation. Bad params raise here."""
         params.check(self.max_tokens_limit)
+        return self._stream(prompt_ids, params)
+
+    def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Like ``stream``; a cancelled task (a client that went away) cancels the generation at once."""
+        params.check(self.max_tokens_limit)
+        return self._astream(prompt_ids, params)
+
+    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+        events: queue.Queue = queue.Queue()
         cancel = self._submit(list(prompt_ids), params, lambda *event: events.put(event))
         text = _TextAssembler(self, params)
         try:
@@ -80,11 +89,9 @@ class Engine(ABC):
             if not text.backend_finished:
                 cancel()
 
-    async def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Like ``stream``; a cancelled task (a client that went away) cancels the generation at once."""
+    async def _astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        params.check(self.max_tokens_limit)
         cancel = self._submit(list(prompt_ids), params,
                               lambda *event: loop.call_soon_threadsafe(events.put_nowait, event))
         text = _TextAssembler(self, params)
