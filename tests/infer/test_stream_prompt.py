@@ -94,3 +94,25 @@ def test_prompt_length_error_or_truncation_by_turns(tok):
         builder.encode(messages, max_prompt_tokens=5, truncate=True)
     with pytest.raises(ZhllamaError, match="must end with a user message"):
         builder.encode(messages[:-1])
+
+
+def test_truncation_cuts_the_fewest_turns_in_few_tokenizations(llama2_dir):
+    from zhllama.infer.prompt import prompt_builder
+    from zhllama.model.init import load_tokenizer
+
+    tokenizer = load_tokenizer(llama2_dir)
+    builder = prompt_builder(tokenizer, "atom")
+    history = []
+    for i in range(400):
+        history += [{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": f"回答{i}"}]
+    messages = [{"role": "system", "content": "系统"}, *history, {"role": "user", "content": "最后"}]
+    calls = []
+    render = builder.render
+    builder.render = lambda m: calls.append(len(m)) or render(m)
+    ids = builder.encode(messages, max_prompt_tokens=300, truncate=True)
+    assert len(ids) <= 300
+    # one more turn would not fit: the fewest turns were cut
+    kept = calls[-1]
+    longer = builder.tokenizer(render(messages[:1] + messages[-(kept + 1):]), add_special_tokens=False)["input_ids"]
+    assert len(longer) > 300
+    assert len(calls) <= 12  # a binary search over 400 turns, not one tokenization per turn

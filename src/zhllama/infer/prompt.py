@@ -38,15 +38,33 @@ class PromptBuilder:
             raise ZhllamaError("the conversation must end with a user message")
         system = messages[:1] if messages[0]["role"] == "system" else []
         body = messages[len(system):]
-        while True:
-            ids = self.tokenizer(self.render(system + body), add_special_tokens=False)["input_ids"]
-            if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
-                return ids
-            if not truncate or len(body) == 1:
-                what = "the last message alone" if truncate else "the prompt"
-                raise ZhllamaError(f"{what} is {len(ids)} tokens; at most {max_prompt_tokens} fit the model's "
-                                   "context with the requested max_tokens")
-            body = body[2:]  # the oldest user turn and its reply
+
+        def ids_without(pairs: int) -> list[int]:  # the prompt with the oldest `pairs` user/assistant turns cut
+            return self.tokenizer(self.render(system + body[2 * pairs:]), add_special_tokens=False)["input_ids"]
+
+        ids = ids_without(0)
+        if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
+            return ids
+        if not truncate or len(body) == 1:
+            raise self._too_long(ids, max_prompt_tokens, truncate)
+        # Cutting more turns never lengthens the prompt, so a binary search finds the fewest to cut in
+        # log2(turns) tokenizations (a long history must not cost one tokenization per turn).
+        low, high = 1, (len(body) - 1) // 2  # the last user message always stays
+        if len(shortest := ids_without(high)) > max_prompt_tokens:
+            raise self._too_long(shortest, max_prompt_tokens, truncate)
+        while low < high:
+            mid = (low + high) // 2
+            if len(ids_without(mid)) <= max_prompt_tokens:
+                high = mid
+            else:
+                low = mid + 1
+        return ids_without(low)
+
+    @staticmethod
+    def _too_long(ids: list[int], max_prompt_tokens: int, truncate: bool) -> ZhllamaError:
+        what = "the last message alone" if truncate else "the prompt"
+        return ZhllamaError(f"{what} is {len(ids)} tokens; at most {max_prompt_tokens} fit the model's "
+                           "context with the requested max_tokens")
 
 
 def prompt_builder(tokenizer, template: str | None = None) -> PromptBuilder:

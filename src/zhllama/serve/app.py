@@ -155,7 +155,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         started = time.perf_counter()
         check_auth(request)
         req = protocol.parse_chat(await read_json(request), engine.name, default_max_tokens, limit)
-        ids = engine.encode_chat(req.messages, req.params, truncate=req.truncate)
+        # tokenizing a long history takes a while: off the event loop, so other streams keep flowing
+        ids = await asyncio.to_thread(engine.encode_chat, req.messages, req.params, req.truncate)
         rid = protocol.new_id("chatcmpl")
         if req.stream:
             def chunk(text, finish=None):
@@ -172,7 +173,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         started = time.perf_counter()
         check_auth(request)
         req = protocol.parse_completion(await read_json(request), engine.name, default_max_tokens, limit)
-        ids = engine.encode_text(req.prompt, req.params)
+        ids = await asyncio.to_thread(engine.encode_text, req.prompt, req.params)
         rid = protocol.new_id("cmpl")
         if req.stream:
             def chunk(text, finish=None):
