@@ -68,7 +68,7 @@ def test_out_folder_of_someone_else_is_not_overwritten(tmp_path, llama2_gguf):
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("group", ["eval"])
+@pytest.mark.parametrize("group", ["export"])
 def test_groups_of_later_stages_say_so(group):
     result = run(group)
     assert result.returncode == 2 and "not in this version" in result.stderr

@@ -46,6 +46,23 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
         tmp.rename(out)
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a file under a temporary name, then rename it: a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | Path, data, indent: int = 2) -> Path:
+    return write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

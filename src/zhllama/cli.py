@@ -19,16 +19,17 @@ data_app = typer.Typer(help="Corpora: clean (filter, dedup) and pack (tokenize i
 train_app = typer.Typer(help="Training: continued pretraining and SFT.", no_args_is_help=True)
 lora_app = typer.Typer(help="LoRA adapters: merge into a standalone model.", no_args_is_help=True)
 convert_app = typer.Typer(help="Checkpoint conversion: Meta's original format to HF.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluation: mc (C-Eval, CMMLU), ppl, qa, track, long.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(lora_app, name="lora")
 app.add_typer(convert_app, name="convert")
+app.add_typer(eval_app, name="eval")
 
 # Groups whose commands later stages add. Each says so instead of failing obscurely.
 _PLANNED = {
-    "eval": "C-Eval, CMMLU, perplexity, QA",
     "export": "GGUF export and quantisation",
 }
 
@@ -48,7 +49,8 @@ for _name, _what in _PLANNED.items():
     _planned_group(_name, _what)
 
 # Options that take several values (`--input a.jsonl b.jsonl`, as a shell glob gives them).
-MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name", "--data", "--adapter"}
+MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name", "--data", "--adapter",
+                       "--subjects"}
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -328,6 +330,76 @@ def serve(model_dir: Path = typer.Option(..., "--model"), template: Template = N
                            api_keys=tuple(api_key or ()), max_concurrency=max_concurrency,
                            max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, device=device,
                            name=name))
+
+
+@eval_app.command("mc")
+def eval_mc(model_dir: Path = typer.Option(..., "--model"),
+            task: str = typer.Option(..., "--task", help="ceval|cmmlu"),
+            data_dir: Path = typer.Option(..., "--data-dir", help="the benchmark's folder (dev/ val/ test/ CSVs)"),
+            split: str = typer.Option("val", "--split", help="val|test|dev"),
+            shots: int = typer.Option(5, "--shots", help="0..5 examples from the dev split"),
+            subjects: list[str] = typer.Option(None, "--subjects", help="only these subjects"),
+            out: Path = typer.Option(None, "--out", help="report JSON (a .md table and prompts/ go beside it)"),
+            batch_size: int = typer.Option(8, "--batch-size"), device: Device = "auto"):
+    """Multiple-choice accuracy by the log-likelihood of the answer letter, per subject and category."""
+    from zhllama.eval.mc import run_mc
+
+    run_mc(model_dir, task, data_dir, split, shots, subjects or None, out, batch_size=batch_size, device=device)
+
+
+@eval_app.command("ppl")
+def eval_ppl(model_dir: Path = typer.Option(..., "--model"),
+             data: Inputs = typer.Option(..., "--data", help=".jsonl (`text` field) or .txt files"),
+             seq_len: int = typer.Option(None, "--seq-len", help="window (default: the model's context, max 2048)"),
+             stride: int = typer.Option(None, "--stride", help="window step (default: seq-len / 2)"),
+             out: Path = typer.Option(None, "--out", help="report JSON"), device: Device = "auto"):
+    """Sliding-window perplexity and bits per character, per file and overall."""
+    from zhllama.eval.ppl import run_ppl
+
+    run_ppl(model_dir, data, seq_len, stride, out, device=device)
+
+
+@eval_app.command("qa")
+def eval_qa(model_dir: list[Path] = typer.Option(..., "--model", help="repeat for a side-by-side report"),
+            questions: Path = typer.Option(..., "--questions", help="AtomBulb question.json, {id, category, "
+                                                                   "question} JSONL, or the BELLE eval set"),
+            out: Path = typer.Option(..., "--out"), template: Template = None,
+            judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible base URL of a judge"),
+            judge_model: str = typer.Option(None, "--judge-model"),
+            judge_api_key: str = typer.Option(None, "--judge-api-key", envvar="ZHLLAMA_JUDGE_API_KEY"),
+            max_tokens: MaxTokens = 512, limit: int = typer.Option(None, "--limit", help="first N questions"),
+            device: Device = "auto"):
+    """Answer an open question set; JSONL answers and an HTML report by category, optionally judged."""
+    from zhllama.eval.qa import run_qa
+
+    run_qa(model_dir, questions, out, template=template, judge_url=judge_url, judge_model=judge_model,
+           judge_api_key=judge_api_key, max_tokens=max_tokens, limit=limit, device=device)
+
+
+@eval_app.command("track")
+def eval_track(run_dir: Path = typer.Option(..., "--run"),
+               every: int = typer.Option(1, "--every", help="every K-th checkpoint"),
+               data: Inputs = typer.Option(None, "--data", help="held-out text (default: the built-in held-out)"),
+               prompts: Path = typer.Option(None, "--prompts", help="fixed prompts, one per line or JSONL"),
+               mc_data_dir: Path = typer.Option(None, "--mc-data-dir", help="a CMMLU folder for an mc subset"),
+               out: Path = typer.Option(None, "--out", help="default: RUN/track"), device: Device = "auto"):
+    """Score every checkpoint of a run (resumable) and render one HTML page of curves and answers."""
+    from zhllama.eval.track import run_track
+
+    run_track(run_dir, every=every, data=data or None, prompts=prompts, mc_data_dir=mc_data_dir, out=out,
+              device=device)
+
+
+@eval_app.command("long")
+def eval_long(model_dir: Path = typer.Option(..., "--model"),
+              lengths: str = typer.Option("1k,2k,4k,8k", "--lengths"),
+              rope: str = typer.Option(None, "--rope", help="linear|dynamic|yarn"),
+              factor: float = typer.Option(None, "--factor"), out: Path = typer.Option(None, "--out"),
+              device: Device = "auto"):
+    """Passkey retrieval and perplexity against context length, optionally with RoPE scaling."""
+    from zhllama.eval.long import run_long
+
+    run_long(model_dir, lengths, rope=rope, factor=factor, out=out, device=device)
 
 
 @app.command("demo")

@@ -124,6 +124,9 @@ def run_demo(out: Path, quick: bool = False) -> dict:
 
     summary["sft"] = _sentiment_sft(out, run / "final", quick)
     summary["serve"] = _serving(out / "run-sft" / "final", quick)
+    summary["eval"] = _evaluation({"tiny, Llama-2 vocab (random)": base_model, "tiny + zh vocab (mean init)": zh_model,
+                                   "after pretraining": run / "final",
+                                   "after SFT": out / "run-sft" / "final"}, quick)
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     print(f"\nEverything is under {out}/ (summary.json holds the figures).")
     return summary
@@ -215,3 +218,49 @@ def _post_json(url: str, body: dict) -> dict:
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+QUIZ_OPTIONS = ("正面", "负面", "中性", "无法判断")
+
+
+def _review_quiz(split: str, n: int, seed: int) -> list:
+    """CMMLU-format questions on review sentiment: 下面这条评论的情感倾向是？ A. 正面 B. 负面 C. 中性 D. 无法判断."""
+    from zhllama.eval.mc_data import Question
+
+    return [Question("review_sentiment", i, f"下面这条评论的情感倾向是？\n{r['input']}", QUIZ_OPTIONS,
+                     "A" if r["label"] == "pos" else "B")
+            for i, r in enumerate(builtin.sentiment_examples(split, n, seed=seed))]
+
+
+def _evaluation(models: dict[str, Path], quick: bool) -> dict:
+    """Stage 11: perplexity and bits per character on held-out text, and a 5-shot CMMLU-format quiz, per model."""
+    from zhllama.eval.mc import evaluate
+    from zhllama.eval.mc_data import SubjectInfo
+    from zhllama.eval.ppl import perplexity
+    from zhllama.model.loading import load_checked
+
+    t = _stage("11. Evaluate every stage: held-out perplexity, bits per character, 5-shot CMMLU-format quiz")
+    per_source = 20 if quick else 50
+    texts = []
+    for source in builtin.SOURCES:  # the same number of documents from each register
+        texts += [d["text"] for d in builtin.documents("heldout", sources=(source,))][:per_source]
+    quiz = {"review_sentiment": _review_quiz("heldout", 40 if quick else 100, seed=2)}
+    dev = {"review_sentiment": _review_quiz("train", 5, seed=3)}
+    info = {"review_sentiment": SubjectInfo("review_sentiment", "商品评论情感", ("Other",))}
+    rows, results = [], {}
+    for name, folder in models.items():
+        model, tok = load_checked(folder, "cpu")
+        ppl = perplexity(model, tok, texts, seq_len=256, stride=128, progress=False)
+        mc = evaluate(model, tok, "cmmlu", quiz, dev, 5, info, batch_size=16, progress=False)
+        results[name] = {"ppl": ppl.to_dict(), "quiz_accuracy": mc["accuracy"]["micro"]}
+        rows.append(f"| {name} | {len(tok):,} | {ppl.tokens_per_char:.3f} | {ppl.ppl:,.1f} | {ppl.bits_per_char:.3f} "
+                    f"| {mc['accuracy']['micro']:.1%} |")
+    print(f"{len(texts)} held-out documents ({sum(map(len, texts)):,} characters); quiz: "
+          f"{len(quiz['review_sentiment'])} held-out reviews, 5-shot, answer letter by log-likelihood (half the gold "
+          "answers are A, half B: always answering one letter scores 50%)\n")
+    print("| model | vocab | tokens/char | perplexity | bits/char | quiz accuracy |\n|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nPerplexity depends on the vocabulary; bits per character does not, so it is the one to compare across "
+          "the base and extended tokenizers. SFT on a single task costs general text modelling (watch bits/char).")
+    _done(t)
+    return results

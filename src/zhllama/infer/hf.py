@@ -187,15 +187,8 @@ def _end_of_turn_ids(tokenizer, stops: tuple[str, ...]) -> list[int]:
 def load_engine(model_dir: str | Path, template: str | None = None, device: str = "auto",
                 name: str | None = None, max_tokens_limit: int = 4096, max_concurrency: int = 16) -> HFEngine:
     """The HF engine for a model folder: its tokenizer checked against the model, on ``device``."""
-    from zhllama.model.extend_vocab import load_model
-    from zhllama.model.init import load_tokenizer
-    from zhllama.train.sft import check_model_vocab
+    from zhllama.model.loading import load_checked
 
-    tokenizer = load_tokenizer(model_dir)
-    check_model_vocab(Path(model_dir), tokenizer)  # before loading: a wrong tokenizer must not cost a model load
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs = {"dtype": torch.bfloat16} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
-    model = load_model(model_dir, attn_implementation="sdpa", **kwargs).to(device)
+    model, tokenizer = load_checked(model_dir, device)
     return HFEngine(model, tokenizer, template, name or Path(model_dir).resolve().name, max_tokens_limit,
                     max_concurrency)

@@ -34,8 +34,8 @@ def load_model(model_dir: str | Path, **kwargs):
         raise ZhllamaError(f"{model_dir} has no config.json; not a Hugging Face model folder")
     try:
         # "auto" keeps the checkpoint's dtype: a bf16 7B model must not double in memory.
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True,
-                                                    **kwargs)
+        kwargs.setdefault("dtype", "auto")
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ZhllamaError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
 
