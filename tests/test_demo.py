@@ -21,3 +21,10 @@ def test_quick_demo_runs_the_whole_road(tmp_path):
         assert (tmp_path / "demo" / folder / "zhllama.json").exists()
     serve = summary["serve"]
     assert serve["requests"] == 16 and serve["same_replies"] is True  # batching does not change greedy replies
+    scores = summary["eval"]
+    assert list(scores) == ["tiny, Llama-2 vocab (random)", "tiny + zh vocab (mean init)", "after pretraining",
+                            "after SFT"]
+    bits = [scores[name]["ppl"]["bits_per_char"] for name in scores]
+    assert bits[2] < bits[1]  # pretraining lowers bits per character on held-out text
+    assert len({scores[name]["ppl"]["chars"] for name in scores}) == 1  # every model reads the same characters
+    assert all(0 <= scores[name]["quiz_accuracy"] <= 1 for name in scores)
