@@ -91,7 +91,9 @@ def test_judge_replies_are_parsed_leniently():
 
 
 def test_model_names_are_unique():
-    assert model_names(["a/m", "b/m", "c/n", "d/m"]) == ["m", "m (2)", "n", "m (3)"]
+    assert model_names(["x/m", "x/m", "y/n"]) == ["m", "m (2)", "n"]
+    assert model_names(["runs/run-sft/final", "runs/run-pretrain/final"]) == ["run-sft/final", "run-pretrain/final"]
+    assert model_names(["a/m", "b/m", "c/n"]) == ["a/m", "b/m", "c/n"]
 
 
 # --- a live fake judge -------------------------------------------------------------------------------------

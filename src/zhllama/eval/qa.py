@@ -285,11 +285,16 @@ def _mean(scores: list) -> dict:
 # --- the command -------------------------------------------------------------------------------------------
 
 def model_names(model_dirs: list[Path]) -> list[str]:
-    """Folder names as given (not resolved), made unique: the same folder twice is a fair self-comparison."""
+    """The shortest trailing parts of each path that tell the models apart (run-sft/final, run-pretrain/final);
+    the same folder twice, a fair self-comparison, is told apart by a number."""
+    parts = [Path(folder).parts or Path(folder).resolve().parts for folder in model_dirs]
+    depth = 1
+    while depth < max(map(len, parts)) and len({p[-depth:] for p in parts}) < len({p for p in parts}):
+        depth += 1
     names: list[str] = []
-    for folder in model_dirs:
-        name = Path(folder).name or Path(folder).resolve().name
-        base, n = name, 2
+    for p in parts:
+        name = base = "/".join(p[-depth:])
+        n = 2
         while name in names:
             name, n = f"{base} ({n})", n + 1
         names.append(name)
