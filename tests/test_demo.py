@@ -28,3 +28,6 @@ def test_quick_demo_runs_the_whole_road(tmp_path):
     assert bits[2] < bits[1]  # pretraining lowers bits per character on held-out text
     assert len({scores[name]["ppl"]["chars"] for name in scores}) == 1  # every model reads the same characters
     assert all(0 <= scores[name]["quiz_accuracy"] <= 1 for name in scores)
+    gguf = summary["gguf"]
+    assert gguf["file"].endswith("model-q8_0.gguf") and gguf["bytes"] > 0
+    assert gguf["answers"]["llama.cpp q8_0"] and gguf["answers"]["HF fp32"]  # both backends answered

@@ -19,6 +19,7 @@ data_app = typer.Typer(help="Corpora: clean (filter, dedup) and pack (tokenize i
 train_app = typer.Typer(help="Training: continued pretraining and SFT.", no_args_is_help=True)
 lora_app = typer.Typer(help="LoRA adapters: merge into a standalone model.", no_args_is_help=True)
 convert_app = typer.Typer(help="Checkpoint conversion: Meta's original format to HF.", no_args_is_help=True)
+export_app = typer.Typer(help="Export: GGUF for llama.cpp (f32, f16, q8_0, q4_0).", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluation: mc (C-Eval, CMMLU), ppl, qa, track, long.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
@@ -27,11 +28,10 @@ app.add_typer(train_app, name="train")
 app.add_typer(lora_app, name="lora")
 app.add_typer(convert_app, name="convert")
 app.add_typer(eval_app, name="eval")
+app.add_typer(export_app, name="export")
 
 # Groups whose commands later stages add. Each says so instead of failing obscurely.
-_PLANNED = {
-    "export": "GGUF export and quantisation",
-}
+_PLANNED: dict[str, str] = {}
 
 
 def _planned_group(name: str, what: str) -> None:
@@ -191,6 +191,9 @@ SaveEvery = Annotated[int | None, typer.Option("--save-every")]
 EvalEvery = Annotated[int | None, typer.Option("--eval-every")]
 Seed = Annotated[int | None, typer.Option("--seed")]
 Precision = Annotated[str | None, typer.Option("--precision", help="auto|bf16|fp32")]
+Quantize = Annotated[str | None, typer.Option("--quantize", help="int8|int4 (GPU: bitsandbytes; CPU: int8 dynamic)")]
+Rope = Annotated[str | None, typer.Option("--rope", help="RoPE scaling: linear|dynamic|yarn|llama3")]
+RopeFactor = Annotated[float | None, typer.Option("--rope-factor", help="context extension factor (> 1)")]
 
 
 @train_app.command("pretrain")
@@ -199,14 +202,16 @@ def train_pretrain(model_dir: Path = typer.Option(..., "--model"), data: Path = 
                    resume: Resume = False, max_steps: MaxSteps = None, batch_size: BatchSize = None,
                    grad_accum: GradAccum = None, lr: Lr = None, seq_len: SeqLen = None, save_every: SaveEvery = None,
                    eval_every: EvalEvery = None, seed: Seed = None, precision: Precision = None,
-                   trainable: str = typer.Option(None, "--trainable", help="all|embeddings|lora")):
+                   trainable: str = typer.Option(None, "--trainable", help="all|embeddings|lora"),
+                   rope: Rope = None, rope_factor: RopeFactor = None):
     """Continue pretraining on packed data (launch with torchrun or accelerate launch to distribute)."""
     from zhllama.config import TrainConfig, load_config
     from zhllama.train import pretrain
 
     cfg = load_config(TrainConfig, config, dict(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
-        save_every=save_every, eval_every=eval_every, seed=seed, trainable=trainable, precision=precision))
+        save_every=save_every, eval_every=eval_every, seed=seed, trainable=trainable, precision=precision,
+        rope=rope, rope_factor=rope_factor))
     typer.echo(pretrain(model_dir, data, out, cfg, resume=resume))
 
 
@@ -222,7 +227,8 @@ def train_sft(model_dir: Path = typer.Option(..., "--model"),
               packing: bool = typer.Option(None, "--packing/--no-packing"),
               resume: Resume = False, max_steps: MaxSteps = None, batch_size: BatchSize = None,
               grad_accum: GradAccum = None, lr: Lr = None, seq_len: SeqLen = None, save_every: SaveEvery = None,
-              eval_every: EvalEvery = None, seed: Seed = None, precision: Precision = None):
+              eval_every: EvalEvery = None, seed: Seed = None, precision: Precision = None,
+              rope: Rope = None, rope_factor: RopeFactor = None):
     """Supervised fine-tuning on conversations: loss on the replies only, packed rows, full/LoRA/QLoRA."""
     from zhllama.config import SftConfig, load_config
     from zhllama.train import sft
@@ -233,7 +239,8 @@ def train_sft(model_dir: Path = typer.Option(..., "--model"),
     cfg = load_config(SftConfig, config, dict(
         template=template, train_on_prompt=train_on_prompt, packing=packing, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len, save_every=save_every,
-        eval_every=eval_every, seed=seed, trainable=trainable, precision=precision))
+        eval_every=eval_every, seed=seed, trainable=trainable, precision=precision, rope=rope,
+        rope_factor=rope_factor))
     typer.echo(sft(model_dir, data, out, cfg, resume=resume))
 
 
@@ -267,6 +274,10 @@ RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty")]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="reproducible sampling (runs unbatched)")]
 
 
+def _load_options(quantize, rope, rope_factor) -> dict:
+    return {"quantize": quantize, "rope": rope, "rope_factor": rope_factor}
+
+
 def _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop=()):
     from zhllama.infer import SamplingParams
 
@@ -278,13 +289,14 @@ def _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, s
 def chat(model_dir: Path = typer.Option(..., "--model"), template: Template = None,
          system: str = typer.Option(None, "--system", help="system prompt"), device: Device = "auto",
          max_tokens: MaxTokens = 512, temperature: Temperature = 0.7, top_k: TopK = 0, top_p: TopP = 0.9,
-         repetition_penalty: RepetitionPenalty = 1.0, seed: SeedOption = None):
+         repetition_penalty: RepetitionPenalty = 1.0, seed: SeedOption = None, quantize: Quantize = None,
+         rope: Rope = None, rope_factor: RopeFactor = None):
     """Streaming multi-turn chat in the terminal (/reset, /system TEXT, /exit)."""
     from zhllama.infer import load_engine
     from zhllama.infer.chat import run_chat
 
     params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-    engine = load_engine(model_dir, template, device=device)
+    engine = load_engine(model_dir, template, device=device, **_load_options(quantize, rope, rope_factor))
     try:
         run_chat(engine, params, system=system)
     finally:
@@ -298,12 +310,13 @@ def generate(model_dir: Path = typer.Option(..., "--model"),
              raw: bool = typer.Option(False, "--raw", help="continue the text as is, with no chat template"),
              max_tokens: MaxTokens = 256, temperature: Temperature = 0.0, top_k: TopK = 0, top_p: TopP = 1.0,
              repetition_penalty: RepetitionPenalty = 1.0, seed: SeedOption = None,
-             stop: list[str] = typer.Option(None, "--stop", help="stop strings (repeatable)")):
+             stop: list[str] = typer.Option(None, "--stop", help="stop strings (repeatable)"),
+             quantize: Quantize = None, rope: Rope = None, rope_factor: RopeFactor = None):
     """One reply, streamed to stdout (greedy by default)."""
     from zhllama.infer import load_engine
 
     params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ())
-    engine = load_engine(model_dir, template, device=device)
+    engine = load_engine(model_dir, template, device=device, **_load_options(quantize, rope, rope_factor))
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = engine.encode_text(prompt, params) if raw else engine.encode_chat(messages, params)
@@ -315,21 +328,24 @@ def generate(model_dir: Path = typer.Option(..., "--model"),
 
 
 @app.command("serve")
-def serve(model_dir: Path = typer.Option(..., "--model"), template: Template = None,
+def serve(model_dir: Path = typer.Option(..., "--model", help="HF folder, or a .gguf with --backend llamacpp"),
+          template: Template = None,
           host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes the server to the network"),
           port: int = typer.Option(8000, "--port"),
           api_key: list[str] = typer.Option(None, "--api-key", help="required bearer token (repeatable)"),
           max_concurrency: int = typer.Option(16, "--max-concurrency", help="requests decoded together"),
           max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", help="largest max_tokens accepted"),
           max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes"),
-          device: Device = "auto", name: str = typer.Option(None, "--name", help="model id in the API")):
+          device: Device = "auto", name: str = typer.Option(None, "--name", help="model id in the API"),
+          backend: str = typer.Option("hf", "--backend", help="hf (continuous batching) | llamacpp (a GGUF file)"),
+          quantize: Quantize = None, rope: Rope = None, rope_factor: RopeFactor = None):
     """OpenAI-compatible HTTP API and web chat page, batching concurrent requests."""
     from zhllama.serve import ServeConfig, run_server
 
     run_server(ServeConfig(model_dir=model_dir, template=template, host=host, port=port,
                            api_keys=tuple(api_key or ()), max_concurrency=max_concurrency,
                            max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, device=device,
-                           name=name))
+                           name=name, backend=backend, quantize=quantize, rope=rope, rope_factor=rope_factor))
 
 
 @eval_app.command("mc")
@@ -340,11 +356,13 @@ def eval_mc(model_dir: Path = typer.Option(..., "--model"),
             shots: int = typer.Option(5, "--shots", help="0..5 examples from the dev split"),
             subjects: list[str] = typer.Option(None, "--subjects", help="only these subjects"),
             out: Path = typer.Option(None, "--out", help="report JSON (a .md table and prompts/ go beside it)"),
-            batch_size: int = typer.Option(8, "--batch-size"), device: Device = "auto"):
+            batch_size: int = typer.Option(8, "--batch-size"), device: Device = "auto", quantize: Quantize = None,
+            rope: Rope = None, rope_factor: RopeFactor = None):
     """Multiple-choice accuracy by the log-likelihood of the answer letter, per subject and category."""
     from zhllama.eval.mc import run_mc
 
-    run_mc(model_dir, task, data_dir, split, shots, subjects or None, out, batch_size=batch_size, device=device)
+    run_mc(model_dir, task, data_dir, split, shots, subjects or None, out, batch_size=batch_size, device=device,
+           **_load_options(quantize, rope, rope_factor))
 
 
 @eval_app.command("ppl")
@@ -352,11 +370,12 @@ def eval_ppl(model_dir: Path = typer.Option(..., "--model"),
              data: Inputs = typer.Option(..., "--data", help=".jsonl (`text` field) or .txt files"),
              seq_len: int = typer.Option(None, "--seq-len", help="window (default: the model's context, max 2048)"),
              stride: int = typer.Option(None, "--stride", help="window step (default: seq-len / 2)"),
-             out: Path = typer.Option(None, "--out", help="report JSON"), device: Device = "auto"):
+             out: Path = typer.Option(None, "--out", help="report JSON"), device: Device = "auto",
+             quantize: Quantize = None, rope: Rope = None, rope_factor: RopeFactor = None):
     """Sliding-window perplexity and bits per character, per file and overall."""
     from zhllama.eval.ppl import run_ppl
 
-    run_ppl(model_dir, data, seq_len, stride, out, device=device)
+    run_ppl(model_dir, data, seq_len, stride, out, device=device, **_load_options(quantize, rope, rope_factor))
 
 
 @eval_app.command("qa")
@@ -368,12 +387,13 @@ def eval_qa(model_dir: list[Path] = typer.Option(..., "--model", help="repeat fo
             judge_model: str = typer.Option(None, "--judge-model"),
             judge_api_key: str = typer.Option(None, "--judge-api-key", envvar="ZHLLAMA_JUDGE_API_KEY"),
             max_tokens: MaxTokens = 512, limit: int = typer.Option(None, "--limit", help="first N questions"),
-            device: Device = "auto"):
+            device: Device = "auto", quantize: Quantize = None, rope: Rope = None, rope_factor: RopeFactor = None):
     """Answer an open question set; JSONL answers and an HTML report by category, optionally judged."""
     from zhllama.eval.qa import run_qa
 
     run_qa(model_dir, questions, out, template=template, judge_url=judge_url, judge_model=judge_model,
-           judge_api_key=judge_api_key, max_tokens=max_tokens, limit=limit, device=device)
+           judge_api_key=judge_api_key, max_tokens=max_tokens, limit=limit, device=device,
+           **_load_options(quantize, rope, rope_factor))
 
 
 @eval_app.command("track")
@@ -393,13 +413,32 @@ def eval_track(run_dir: Path = typer.Option(..., "--run"),
 @eval_app.command("long")
 def eval_long(model_dir: Path = typer.Option(..., "--model"),
               lengths: str = typer.Option("1k,2k,4k,8k", "--lengths"),
-              rope: str = typer.Option(None, "--rope", help="linear|dynamic|yarn"),
+              rope: str = typer.Option(None, "--rope", help="linear|dynamic|yarn|llama3"),
               factor: float = typer.Option(None, "--factor"), out: Path = typer.Option(None, "--out"),
               device: Device = "auto"):
     """Passkey retrieval and perplexity against context length, optionally with RoPE scaling."""
     from zhllama.eval.long import run_long
 
     run_long(model_dir, lengths, rope=rope, factor=factor, out=out, device=device)
+
+
+@export_app.command("gguf")
+def export_gguf(model_dir: Path = typer.Option(..., "--model", help="HF model folder"),
+                out: Path = typer.Option(..., "--out", help="FILE.gguf"),
+                type_: str = typer.Option("f16", "--type", help="f32|f16|q8_0|q4_0"),
+                pad_vocab: int = typer.Option(None, "--pad-vocab", help="pad the vocabulary to a multiple of N")):
+    """A llama-architecture GGUF for llama.cpp: weights, SentencePiece vocabulary, chat template, RoPE."""
+    from zhllama.export.gguf import export_gguf as export
+
+    typer.echo(export(model_dir, out, type_, pad_vocab=pad_vocab))
+
+
+@model_app.command("memory")
+def model_memory(model_dir: str = typer.Option(..., "--model", help="HF folder, or a preset: tiny|small|1b|7b")):
+    """Expected memory per precision (fp16, int8, int4, GGUF types) for the model's shape."""
+    from zhllama.model.memory import memory_report
+
+    typer.echo(memory_report(model_dir))
 
 
 @app.command("demo")

@@ -49,6 +49,10 @@ class TrainConfig:
     trainable: str = "all"
     # Restart positions at each document start inside a block; attention then stays inside each document.
     reset_position_ids: bool = False
+    # RoPE scaling applied to the model before training (linear | dynamic | yarn | llama3, with a factor > 1), so
+    # the context it is trained at, and the saved config, carry the stretched positions.
+    rope: str | None = None
+    rope_factor: float | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

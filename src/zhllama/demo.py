@@ -127,6 +127,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     summary["eval"] = _evaluation({"tiny, Llama-2 vocab (random)": base_model, "tiny + zh vocab (mean init)": zh_model,
                                    "after pretraining": run / "final",
                                    "after SFT": out / "run-sft" / "final"}, quick)
+    summary["gguf"] = _gguf(out, out / "run-sft" / "final")
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     print(f"\nEverything is under {out}/ (summary.json holds the figures).")
     return summary
@@ -265,3 +266,33 @@ def _evaluation(models: dict[str, Path], quick: bool) -> dict:
           "the base and extended tokenizers. SFT on a single task costs general text modelling (watch bits/char).")
     _done(t)
     return results
+
+
+def _gguf(out: Path, chat_model: Path) -> dict:
+    """Stage 12: export the chat model to GGUF q8_0 and ask it one question through llama.cpp."""
+    from zhllama.export.gguf import export_gguf
+    from zhllama.infer import SamplingParams, load_engine
+    from zhllama.infer.llamacpp import load_llamacpp_engine
+
+    t = _stage("12. Deploy: export to GGUF q8_0 and answer through llama.cpp")
+    gguf = Path(export_gguf(chat_model, out / "model-q8_0.gguf", "q8_0"))
+    review = builtin.sentiment_examples("heldout", 2, seed=5)[0]  # balanced: the smallest request is one of each
+    messages = builtin.sentiment_prompt(review)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    answers = {}
+    for backend, load in (("llama.cpp q8_0", lambda: load_llamacpp_engine(gguf, name="demo-gguf")),
+                          ("HF fp32", lambda: load_engine(chat_model, device="cpu", name="demo-hf"))):
+        engine = load()
+        try:
+            answers[backend] = engine.generate(engine.encode_chat(messages, params), params).text.strip()
+        finally:
+            engine.close()
+    print(f"{gguf} ({gguf.stat().st_size / 2**20:.1f} MB)")
+    print(f"question: {messages[-1]['content']}")
+    for backend, answer in answers.items():
+        print(f"{backend}: {answer}")
+    print(f"expected: {builtin.SENTIMENT_ANSWERS[review['label']]}; serve it with "
+          f"zhllama serve --backend llamacpp --model {gguf}")
+    _done(t)
+    return {"file": str(gguf), "bytes": gguf.stat().st_size, "answers": answers,
+            "expected": builtin.SENTIMENT_ANSWERS[review["label"]]}

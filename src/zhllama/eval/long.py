@@ -9,11 +9,11 @@ against random distractor keys (rank 1 = the true key is the most likely).
 Perplexity against length: windows of each length cut from the built-in held-out text, the mean NLL over the whole
 window and over its last quarter (the tokens that see the most context: where a too-short RoPE shows first).
 
-RoPE scaling (``--rope linear|dynamic|yarn --factor F``) goes into ``config.rope_parameters``, where transformers 5
-reads it (``rope_scaling`` is only a deprecated alias), before the weights load. Linear and YaRN stretch positions,
-so ``max_position_embeddings`` grows by the factor; dynamic NTK keeps it, because it measures how far a sequence
-has gone past ``max_position_embeddings`` to decide how much to scale. Lengths past the context (trained, or scaled
-with --rope) still run, since showing the degradation is the point, and are flagged.
+RoPE scaling (``--rope linear|dynamic|yarn|llama3 --factor F``) is set before the weights load by
+zhllama.model.rope (see there): linear, YaRN and llama3 stretch positions, so ``max_position_embeddings`` grows by
+the factor; dynamic NTK keeps it, because it measures how far a sequence has gone past it to decide how much to
+scale. Lengths past the context (trained, or scaled with --rope) still run, since showing the degradation is the
+point, and are flagged.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import math
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,13 @@ from tqdm import tqdm
 
 from zhllama.artifacts import write_json_atomic
 from zhllama.errors import ZhllamaError
+from zhllama.model.loading import load_checked
+from zhllama.model.rope import scale_rope as _scale_rope
 
 FILLER = ("草是绿的。", "天空是蓝的。", "太阳是黄的。", "这里是家，那里是远方。")
 KEY_SENTENCE = "通行密码是 {key}。记住它。{key} 是通行密码。"
 QUESTION = "\n通行密码是多少？通行密码是"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-ROPE_TYPES = ("linear", "dynamic", "yarn")
 NEW_TOKENS = 8  # a 5-digit key is at most 6 tokens in Llama's tokenizer (digits are split, plus a space)
 DISTRACTORS = 4
 
@@ -57,29 +59,8 @@ def parse_lengths(text: str) -> list[int]:
 # --- RoPE scaling ------------------------------------------------------------------------------------------
 
 def scale_rope(config, rope: str | None, factor: float | None):
-    """``config`` with RoPE scaling set the transformers 5 way (in place, and returned); no rope is a no-op."""
-    if rope is None and factor is None:
-        return config
-    if rope is None or factor is None:
-        raise ZhllamaError("--rope and --factor go together (e.g. --rope linear --factor 2)")
-    if rope not in ROPE_TYPES:
-        raise ZhllamaError(f"--rope must be one of {', '.join(ROPE_TYPES)}, got {rope!r}")
-    if not factor > 1:
-        raise ZhllamaError(f"--factor must be greater than 1, got {factor:g}")
-    current = dict(getattr(config, "rope_parameters", None) or {})
-    if current.get("rope_type", "default") != "default":
-        raise ZhllamaError(f"the model already uses {current['rope_type']} RoPE scaling; --rope would stack on it")
-    theta = current.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    trained = int(config.max_position_embeddings)
-    parameters = {"rope_type": rope, "factor": float(factor), "rope_theta": theta}
-    if rope == "yarn":
-        parameters["original_max_position_embeddings"] = trained
-    if "partial_rotary_factor" in current:
-        parameters["partial_rotary_factor"] = current["partial_rotary_factor"]
-    config.rope_parameters = parameters
-    if rope != "dynamic":
-        config.max_position_embeddings = int(trained * factor)
-    return config
+    """zhllama.model.rope.scale_rope, with errors naming this command's ``--factor`` flag."""
+    return _scale_rope(config, rope, factor, factor_flag="--factor")
 
 
 def load_scaled(model_dir: str | Path, rope: str | None = None, factor: float | None = None,
@@ -87,25 +68,13 @@ def load_scaled(model_dir: str | Path, rope: str | None = None, factor: float | 
     """(model, tokenizer, trained context) with RoPE scaling applied before the weights load."""
     from transformers import AutoConfig
 
-    from zhllama.model.extend_vocab import load_model
-    from zhllama.model.init import load_tokenizer
-    from zhllama.model.loading import pick_device
-    from zhllama.train.sft import check_model_vocab
-
-    model_dir = Path(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    check_model_vocab(model_dir, tokenizer)
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        trained = int(AutoConfig.from_pretrained(str(model_dir), local_files_only=True).max_position_embeddings)
     except (OSError, ValueError) as exc:
         raise ZhllamaError(f"{model_dir}: cannot read config.json ({str(exc).splitlines()[0]})") from None
-    trained = int(config.max_position_embeddings)
-    scale_rope(config, rope, factor)
-    device = pick_device(device)
-    model = load_model(model_dir, config=config, attn_implementation="sdpa").to(device)
-    if device == "cuda" and torch.cuda.is_bf16_supported() and model.dtype == torch.float32:
-        model = model.to(torch.bfloat16)  # NLLs are still computed in fp32 below
-    return model.eval(), tokenizer, trained
+    scale_rope(SimpleNamespace(max_position_embeddings=trained), rope, factor)  # check flags before loading
+    model, tokenizer = load_checked(model_dir, device, rope=rope, rope_factor=factor)
+    return model, tokenizer, trained
 
 
 # --- passkey -----------------------------------------------------------------------------------------------

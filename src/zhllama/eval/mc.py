@@ -320,8 +320,10 @@ def write_outputs(report: dict, out: str | Path) -> dict[str, Path]:
 
 
 def run_mc(model_dir, task: str, data_dir, split: str, shots: int, subjects: list[str] | None, out,
-           batch_size: int = 8, device: str = "auto") -> dict:
-    """Read and check the benchmark, load the model, score, print the tables, write `out` (if given)."""
+           batch_size: int = 8, device: str = "auto", **load_options) -> dict:
+    """Read and check the benchmark, load the model, score, print the tables, write `out` (if given).
+
+    ``load_options`` (quantize, rope, rope_factor) go to ``load_checked``."""
     from zhllama.model.loading import load_checked
 
     check_task(task, split, shots)
@@ -332,7 +334,7 @@ def run_mc(model_dir, task: str, data_dir, split: str, shots: int, subjects: lis
     if task == "ceval" and split == "test" and out is None:
         raise ZhllamaError("C-Eval's test split has no public answers: give --out FILE.json for the submission file")
     info, questions, dev = read_benchmark(task, data_dir, split, shots, subjects)
-    model, tokenizer = load_checked(model_dir, device)
+    model, tokenizer = load_checked(model_dir, device, **load_options)
     report = evaluate(model, tokenizer, task, questions, dev, shots, info, batch_size=batch_size)
     report = {"model": str(model_dir), "data_dir": str(data_dir), "split": split, **report}
     print(markdown(report))

@@ -191,7 +191,7 @@ def format_table(rows: list[tuple[str, PplResult]]) -> str:
 
 
 def run_ppl(model_dir: str | Path, data: list[str | Path], seq_len: int | None = None, stride: int | None = None,
-            out: str | Path | None = None, device: str = "auto", batch_size: int = 8) -> dict:
+            out: str | Path | None = None, device: str = "auto", batch_size: int = 8, **load_options) -> dict:
     """Perplexity and bits per character per file and overall; prints a table, writes JSON when `out` is given."""
     from zhllama.model.loading import load_checked
 
@@ -199,7 +199,7 @@ def run_ppl(model_dir: str | Path, data: list[str | Path], seq_len: int | None =
     paths = input_paths(list(data))
     documents = {path: read_documents(path) for path in paths}  # every input checked before the model loads
     seq_len, stride = resolve_window(model_dir, seq_len, stride)
-    model, tokenizer = load_checked(model_dir, device)
+    model, tokenizer = load_checked(model_dir, device, **load_options)  # quantize, rope, rope_factor
     results = [(str(path), perplexity(model, tokenizer, texts, seq_len, stride, batch_size, desc=path.name))
                for path, texts in documents.items()]
     overall = sum((r for _, r in results), PplResult(0.0, 0, 0))

@@ -303,7 +303,8 @@ def model_names(model_dirs: list[Path]) -> list[str]:
 
 def run_qa(model_dirs: list[Path], questions: Path, out: Path, template: str | None = None,
            judge_url: str | None = None, judge_model: str | None = None, judge_api_key: str | None = None,
-           max_tokens: int = 512, limit: int | None = None, device: str = "auto", progress: bool = True) -> dict:
+           max_tokens: int = 512, limit: int | None = None, device: str = "auto", progress: bool = True,
+           **load_options) -> dict:
     """Answer (and optionally judge) the question file with every model; write answers, report and summary."""
     from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
     from zhllama.eval.qa_report import render_report
@@ -323,7 +324,7 @@ def run_qa(model_dirs: list[Path], questions: Path, out: Path, template: str | N
 
     rows: list[dict] = []
     for model_dir, name in zip(model_dirs, names, strict=True):
-        engine = load_engine(model_dir, template, device=device, name=name)
+        engine = load_engine(model_dir, template, device=device, name=name, **load_options)
         try:
             rows += answer_questions(engine, asked, max_tokens, source=str(questions), progress=progress)
         finally:

@@ -185,10 +185,12 @@ def _end_of_turn_ids(tokenizer, stops: tuple[str, ...]) -> list[int]:
 
 
 def load_engine(model_dir: str | Path, template: str | None = None, device: str = "auto",
-                name: str | None = None, max_tokens_limit: int = 4096, max_concurrency: int = 16) -> HFEngine:
-    """The HF engine for a model folder: its tokenizer checked against the model, on ``device``."""
+                name: str | None = None, max_tokens_limit: int = 4096, max_concurrency: int = 16,
+                quantize: str | None = None, rope: str | None = None, rope_factor: float | None = None) -> HFEngine:
+    """The HF engine for a model folder: its tokenizer checked against the model, on ``device``, optionally
+    quantised (int8/int4) and with RoPE scaling."""
     from zhllama.model.loading import load_checked
 
-    model, tokenizer = load_checked(model_dir, device)
+    model, tokenizer = load_checked(model_dir, device, quantize=quantize, rope=rope, rope_factor=rope_factor)
     return HFEngine(model, tokenizer, template, name or Path(model_dir).resolve().name, max_tokens_limit,
                     max_concurrency)

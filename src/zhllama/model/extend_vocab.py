@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
 from zhllama.errors import ZhllamaError
-from zhllama.model.init import first_line, load_tokenizer
+from zhllama.model.init import first_line, load_tokenizer, require_hf_folder
 from zhllama.tokenizer.hf import copy_hf_tokenizer
 from zhllama.tokenizer.spm import NORMAL, USER_DEFINED, ModelProto, load_proto
 
@@ -27,7 +27,7 @@ INIT_METHODS = ("mean", "random")
 def load_model(model_dir: str | Path, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    model_dir = Path(model_dir)
+    model_dir = require_hf_folder(model_dir)
     if not model_dir.is_dir():
         raise ZhllamaError(f"model folder {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():

@@ -12,11 +12,22 @@ from zhllama.model.presets import get_preset, llama_config
 from zhllama.tokenizer.hf import HF_FILES, copy_hf_tokenizer
 
 
+def require_hf_folder(path: str | Path, what: str = "model") -> Path:
+    """The path, if it is a folder; a GGUF file or a missing path is a one-line error saying what is expected."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise ZhllamaError(f"{path} is a GGUF file; this command takes an HF {what} folder (serve a GGUF file with "
+                           "`zhllama serve --backend llamacpp --model FILE.gguf`)")
+    if path.is_file():
+        raise ZhllamaError(f"{path} is a file; this command takes an HF {what} folder")
+    return path
+
+
 def load_tokenizer(folder: str | Path):
     """AutoTokenizer from a local folder, with a one-line error instead of a hub lookup traceback."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
+    folder = require_hf_folder(folder, "tokenizer")
     if not folder.is_dir():
         raise ZhllamaError(f"tokenizer folder {folder} does not exist")
     if not any((folder / name).exists() for name in HF_FILES):

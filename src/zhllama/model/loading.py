@@ -1,8 +1,10 @@
-"""Loading a model with its tokenizer for inference and evaluation, on the right device and dtype."""
+"""Loading a model with its tokenizer for inference and evaluation, on the right device and dtype, optionally
+quantised (zhllama.model.quantize) and with its RoPE context stretched (zhllama.model.rope)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
 
 
 def pick_device(device: str = "auto") -> str:
@@ -13,21 +15,30 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load_checked(model_dir: str | Path, device: str = "auto"):
+def load_checked(model_dir: str | Path, device: str = "auto", quantize: str | None = None, rope: str | None = None,
+                 rope_factor: float | None = None):
     """(model in eval mode on ``device``, tokenizer), the tokenizer checked against the model's embedding rows.
 
     On a GPU with bf16 the model is loaded in bf16; log-likelihoods are computed in fp32 by the callers.
+    ``quantize`` (None | int8 | int4) and ``rope``/``rope_factor`` are checked before any weight is read.
     """
     import torch
-
     from zhllama.model.extend_vocab import load_model
     from zhllama.model.init import load_tokenizer
+    from zhllama.model.quantize import load_kwargs, quantize_model
+    from zhllama.model.rope import scaled_config
     from zhllama.train.sft import check_model_vocab
 
     model_dir = Path(model_dir)
+    device = pick_device(device)
+    kwargs = load_kwargs(quantize, device)  # raises for an unknown kind or one the device cannot run
     tokenizer = load_tokenizer(model_dir)
     check_model_vocab(model_dir, tokenizer)
-    device = pick_device(device)
-    kwargs = {"dtype": torch.bfloat16} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
-    model = load_model(model_dir, attn_implementation="sdpa", **kwargs).to(device).eval()
-    return model, tokenizer
+    if (config := scaled_config(model_dir, rope, rope_factor)) is not None:
+        kwargs["config"] = config
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        kwargs.setdefault("dtype", torch.bfloat16)
+    model = load_model(model_dir, attn_implementation="sdpa", **kwargs)
+    if "device_map" not in kwargs:  # bitsandbytes already placed (and fixed) the weights
+        model = model.to(device)
+    return quantize_model(model, quantize, device).eval(), tokenizer

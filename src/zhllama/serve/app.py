@@ -42,6 +42,10 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     device: str = "auto"
     name: str | None = None
+    backend: str = "hf"  # hf | llamacpp
+    quantize: str | None = None
+    rope: str | None = None
+    rope_factor: float | None = None
 
 
 class ApiError(Exception):

@@ -50,17 +50,26 @@ class PackedTrainData:
         return [self._batch(self.val, ids) for ids in val_index_batches(len(self.val), batch_size, limit, rank, world)]
 
 
-def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = False):
-    """The model in fp32 (mixed precision autocasts from there), or with a frozen 4-bit NF4 base for QLoRA."""
+def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = False, rope: str | None = None,
+                      rope_factor: float | None = None):
+    """The model in fp32 (mixed precision autocasts from there), or with a frozen 4-bit NF4 base for QLoRA.
+
+    ``rope``/``rope_factor`` scale RoPE in the config before the weights load (zhllama.model.rope): the longer
+    ``seq_len`` is then allowed, and the saved model keeps the scaling in its config.json.
+    """
     from zhllama.model.extend_vocab import load_model  # one place that turns load failures into errors
 
+    from zhllama.model.rope import scaled_config
+
+    config = scaled_config(model_dir, rope, rope_factor)
+    kwargs = {} if config is None else {"config": config}
     if nf4:
         from zhllama.train.trainable import check_qlora_available, nf4_quantization_config
 
         check_qlora_available()
-        model = load_model(model_dir, quantization_config=nf4_quantization_config(), device_map={"": 0})
+        model = load_model(model_dir, quantization_config=nf4_quantization_config(), device_map={"": 0}, **kwargs)
     else:
-        model = load_model(model_dir)
+        model = load_model(model_dir, **kwargs)
         model = model.float() if model.dtype != torch.float32 else model
     # SDPA, but a packed row's conversations (or documents) attend one span at a time: see train/varlen.py.
     from zhllama.train.varlen import register
@@ -132,7 +141,8 @@ def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: 
     cfg.seq_len = seq_len
     _check_run_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    model = prepare_trainable(load_for_training(model_dir, seq_len), cfg)
+    model = prepare_trainable(load_for_training(model_dir, seq_len, rope=cfg.rope, rope_factor=cfg.rope_factor),
+                              cfg)
     data = PackedTrainData(data_dir, seq_len, cfg.reset_position_ids)
     args = {"model": str(model_dir), "data": str(data_dir), "config": to_dict(cfg), "resume": resume}
     inputs = {"tokenizer": file_sha256(model_dir / "tokenizer.model"), "data_tokenizer": packed.tokenizer_sha256}

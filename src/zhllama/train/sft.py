@@ -128,7 +128,9 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
           f"held out; {summary['rows_skipped']} unreadable rows skipped", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_data.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    model = prepare_trainable(load_for_training(model_dir, cfg.seq_len, nf4=cfg.trainable == "qlora"), cfg)
+    base = load_for_training(model_dir, cfg.seq_len, nf4=cfg.trainable == "qlora", rope=cfg.rope,
+                             rope_factor=cfg.rope_factor)
+    model = prepare_trainable(base, cfg)
     args = {"model": str(model_dir), "data": [str(p) for p in data], "config": to_dict(cfg), "resume": resume}
     inputs = {"tokenizer": tokenizer_sha256(model_dir), "data": [file_sha256(Path(p)) for p in data]}
     write_provenance(out, "train sft", args, inputs)

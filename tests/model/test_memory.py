@@ -1,0 +1,89 @@
+"""Memory estimates (zhllama.model.memory) against figures computed here by hand and against real file sizes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from transformers import LlamaConfig
+
+from zhllama.errors import ZhllamaError
+from zhllama.model.memory import estimate, memory_report
+
+V, H, I, L = 32_000, 4096, 11_008, 32  # Llama-2-7B  # noqa: E741
+LLAMA2_7B = SimpleNamespace(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                            num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+PARAMS = 2 * V * H + L * (4 * H * H + 3 * H * I + 2 * H) + H  # embeddings + lm_head, layers, final norm
+EMBED = 2 * V * H
+# Llama-2-7B GGUF files as published (TheBloke/Llama-2-7B-GGUF), in bytes; llama.cpp's q4_0 keeps output in q6_K
+GGUF_FILES = {"gguf f16": 13.48e9, "gguf q8_0": 7.16e9, "gguf q4_0": 3.83e9}
+
+
+def within(value, expected, share=0.10):
+    return abs(value - expected) <= share * expected
+
+
+def test_7b_parameter_count():
+    est = estimate(LLAMA2_7B)
+    assert est["params"] == PARAMS == 6_738_415_616
+    assert est["params_embeddings"] == EMBED
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("fp32", PARAMS * 4),
+    ("fp16/bf16", PARAMS * 2),
+    ("int8", (PARAMS - EMBED) * 1 + EMBED * 2),  # Linear weights int8, embeddings and lm_head fp16
+    ("int4 nf4", (PARAMS - EMBED) * (0.5 + 1 / 64) + EMBED * 2),  # 4 bits + an 8-bit absmax per 64
+    ("gguf f16", PARAMS * 2),
+    ("gguf q8_0", PARAMS * 34 / 32),
+    ("gguf q4_0", PARAMS * 18 / 32),
+])
+def test_7b_weights_match_hand_figures(name, expected):
+    assert within(estimate(LLAMA2_7B)["weights"][name], expected)
+
+
+def test_7b_matches_published_sizes():
+    weights = estimate(LLAMA2_7B)["weights"]
+    for name, size in GGUF_FILES.items():
+        assert within(weights[name], size), name
+    assert within(weights["int8"], 7.0e9) and within(weights["int4 nf4"], 3.9e9)
+
+
+def test_7b_kv_cache_and_runtime():
+    est = estimate(LLAMA2_7B)
+    assert est["kv_cache_per_token"] == 2 * L * 32 * 128 * 2 == 512 * 1024
+    assert est["kv_cache"][4096] == 4096 * 512 * 1024
+    # weights + a 2k fp16 cache: the "about 8 GB" (int8) and "about 5 GB" (int4) a 7B model needs on a GPU
+    assert within(est["runtime"]["int8"], 8e9) and within(est["runtime"]["int4 nf4"], 5e9)
+
+
+def test_grouped_query_attention_and_tied_embeddings():
+    config = LlamaConfig(vocab_size=1000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=True)
+    est = estimate(config)
+    q, kv = 2048 * 2048, 2048 * 256
+    assert est["params"] == 1000 * 2048 + 22 * (2 * q + 2 * kv + 3 * 2048 * 5632 + 2 * 2048) + 2048
+    assert est["kv_cache_per_token"] == 2 * 22 * 4 * 64 * 2
+
+
+def test_report_for_a_folder_and_a_bad_name(tmp_path):
+    LlamaConfig(vocab_size=35_008, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=4).save_pretrained(tmp_path)
+    report = memory_report(str(tmp_path))
+    assert "vocab 35,008" in report and "gguf q4_0" in report
+    with pytest.raises(ZhllamaError, match="neither a model folder nor a preset"):
+        memory_report("13b")
+
+
+def test_cli_prints_the_table_for_the_7b_preset():
+    result = subprocess.run([sys.executable, "-m", "zhllama", "model", "memory", "--model", "7b"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "6.74B parameters" in out and "KV cache" in out
+    weights_gb = {line[:11].strip(): float(line.split()[-2]) for line in out.splitlines()
+                  if line.startswith(("fp", "int", "gguf"))}  # name, bytes/param, weights GB, with 2k context
+    assert weights_gb["gguf q4_0"] == pytest.approx(3.79, abs=0.01)
+    assert weights_gb["int8"] == pytest.approx(7.01, abs=0.01) and weights_gb["fp16/bf16"] == pytest.approx(13.48)
