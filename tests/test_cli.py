@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from zhllama.cli import expand_multi_value_options
 
@@ -66,12 +65,6 @@ def test_out_folder_of_someone_else_is_not_overwritten(tmp_path, llama2_gguf):
     result = run("tokenizer", "from-gguf", llama2_gguf, "--out", mine)
     assert_one_line_error(result, "not written by zhllama")
     assert (mine / "notes.txt").read_text() == "keep me"
-
-
-@pytest.mark.parametrize("group", ["export"])
-def test_groups_of_later_stages_say_so(group):
-    result = run(group)
-    assert result.returncode == 2 and "not in this version" in result.stderr
 
 
 def test_data_clean_and_pack_from_the_command_line(tmp_path, extended_dir):

@@ -30,24 +30,6 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(eval_app, name="eval")
 app.add_typer(export_app, name="export")
 
-# Groups whose commands later stages add. Each says so instead of failing obscurely.
-_PLANNED: dict[str, str] = {}
-
-
-def _planned_group(name: str, what: str) -> None:
-    group = typer.Typer(help=f"{what} (not in this version yet).")
-
-    @group.callback(invoke_without_command=True)
-    def _not_yet() -> None:
-        typer.echo(f"error: `zhllama {name}` ({what.lower()}) is not in this version of zhllama yet", err=True)
-        raise typer.Exit(2)
-
-    app.add_typer(group, name=name)
-
-
-for _name, _what in _PLANNED.items():
-    _planned_group(_name, _what)
-
 # Options that take several values (`--input a.jsonl b.jsonl`, as a shell glob gives them).
 MULTI_VALUE_OPTIONS = {"--input", "--tokenizer", "--zh", "--en", "--code", "--name", "--data", "--adapter",
                        "--subjects"}
