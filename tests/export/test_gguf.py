@@ -241,7 +241,7 @@ def test_unaligned_widths_fall_back_to_f16(tmp_path, extended_dir, capsys):
 
 def test_bad_inputs(tmp_path, exported, tiny_zh_model):
     gguf_file = exported("f32")
-    with pytest.raises(ZhllamaError, match="is a GGUF file; export takes an HF folder"):
+    with pytest.raises(ZhllamaError, match="is a GGUF file; this command takes an HF model folder"):
         export_gguf(gguf_file, tmp_path / "x.gguf")
     with pytest.raises(ZhllamaError, match=r"unknown GGUF type 'q5_k'; choose one of f32, f16, q8_0, q4_0"):
         export_gguf(tiny_zh_model, tmp_path / "x.gguf", "q5_k")

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from zhllama.errors import ZhllamaError
+from zhllama.model.init import is_gguf, require_hf_folder
 from zhllama.tokenizer.spm import CONTROL, UNUSED, USER_DEFINED, load_proto
 
 # --type name -> (tensor type, file type); filled lazily so importing this module does not need gguf.
 QTYPE_NAMES = ("f32", "f16", "q8_0", "q4_0")
-GGUF_MAGIC = b"GGUF"
 
 
 def _qtypes() -> dict:
@@ -39,27 +39,16 @@ def _qtypes() -> dict:
             "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
 
 
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
 def _check_inputs(model_dir: Path, out: Path, qtype: str, pad_vocab) -> None:
     if qtype not in QTYPE_NAMES:
         raise ZhllamaError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(QTYPE_NAMES)}")
     if pad_vocab is not None and (isinstance(pad_vocab, bool) or not isinstance(pad_vocab, int) or pad_vocab < 1):
         raise ZhllamaError(f"--pad-vocab must be a positive integer, got {pad_vocab!r}")
-    if model_dir.is_file():
-        if _is_gguf(model_dir):
-            raise ZhllamaError(f"{model_dir} is a GGUF file; export takes an HF folder")
-        raise ZhllamaError(f"{model_dir} is a file; export takes an HF model folder")
+    require_hf_folder(model_dir)
     if out.is_dir():
         raise ZhllamaError(f"--out {out} is a folder; give a FILE.gguf path")
     # Overwrite only a previous GGUF (or an empty file): a mistyped --out must not destroy other data.
-    if out.exists() and out.stat().st_size > 0 and not _is_gguf(out):
+    if out.exists() and out.stat().st_size > 0 and not is_gguf(out):
         raise ZhllamaError(f"{out} exists and is not a GGUF file; choose another --out")
 
 

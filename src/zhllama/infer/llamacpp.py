@@ -31,9 +31,9 @@ from zhllama.infer.engine import Engine, Sink
 from zhllama.infer.hf import _end_of_turn_ids
 from zhllama.infer.params import SamplingParams
 from zhllama.infer.prompt import prompt_builder
+from zhllama.model.init import GGUF_MAGIC, is_gguf
 
 DEFAULT_MAX_CONTEXT = 4096  # the KV cache is allocated up front: a 32k-context model must not take 32k by default
-GGUF_MAGIC = b"GGUF"
 LLAMA_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"; our seeds map below it
 
 
@@ -195,9 +195,8 @@ def _check_gguf_path(path: Path) -> Path:
         raise ZhllamaError(f"{path} is a folder; --backend llamacpp takes a .gguf file")
     if not path.exists():
         raise ZhllamaError(f"{path} does not exist; --backend llamacpp takes a .gguf file")
-    with open(path, "rb") as fh:
-        if fh.read(4) != GGUF_MAGIC:
-            raise ZhllamaError(f"{path} is not a GGUF file; --backend llamacpp takes a .gguf file "
+    if not is_gguf(path):
+        raise ZhllamaError(f"{path} is not a GGUF file; --backend llamacpp takes a .gguf file "
                                "(make one with `zhllama export gguf`)")
     return path
 

@@ -12,10 +12,22 @@ from zhllama.model.presets import get_preset, llama_config
 from zhllama.tokenizer.hf import HF_FILES, copy_hf_tokenizer
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether the file starts with GGUF's magic bytes (whatever its name)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
 def require_hf_folder(path: str | Path, what: str = "model") -> Path:
     """The path, if it is a folder; a GGUF file or a missing path is a one-line error saying what is expected."""
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if path.is_file() and is_gguf(path):
         raise ZhllamaError(f"{path} is a GGUF file; this command takes an HF {what} folder (serve a GGUF file with "
                            "`zhllama serve --backend llamacpp --model FILE.gguf`)")
     if path.is_file():
