@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from zhllama.errors import ZhllamaError
 from zhllama.infer.cb_sampling import NO_TOP_K, install_fast_sampling
 from zhllama.infer.engine import Engine, Sink
 from zhllama.infer.params import SamplingParams
-from zhllama.infer.prompt import prompt_builder
+from zhllama.infer.prompt import end_of_turn_ids, prompt_builder
 
 
 class HFEngine(Engine):
@@ -36,7 +35,7 @@ class HFEngine(Engine):
         self.prompt = prompt_builder(tokenizer, template)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_tokens_limit = min(max_tokens_limit, self.context_length - 1)
-        self.eos_ids = _end_of_turn_ids(tokenizer, self.prompt.stop)
+        self.eos_ids = end_of_turn_ids(tokenizer, self.prompt.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._exclusive = threading.Lock()
         self._ids = itertools.count()
@@ -170,18 +169,6 @@ def _cache_size(model, context_length: int, max_concurrency: int, page_size: int
     pages_per_request = -(-context_length // page_size)
     return {"page_size": page_size, "num_blocks": max_concurrency * pages_per_request + 1,
             "max_batch_tokens": max(512, max_concurrency * 8)}
-
-
-def _end_of_turn_ids(tokenizer, stops: tuple[str, ...]) -> list[int]:
-    """EOS plus every stop string that is a single token of its own (``<|im_end|>``, ``</s>``)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for stop in stops:
-        token = tokenizer.convert_tokens_to_ids(stop)
-        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
-            ids.append(token)
-    if not ids:
-        raise ZhllamaError("the tokenizer has no EOS token and the template no single-token stop")
-    return ids
 
 
 def load_engine(model_dir: str | Path, template: str | None = None, device: str = "auto",

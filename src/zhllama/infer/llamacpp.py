@@ -28,9 +28,8 @@ from pathlib import Path
 
 from zhllama.errors import ZhllamaError
 from zhllama.infer.engine import Engine, Sink
-from zhllama.infer.hf import _end_of_turn_ids
 from zhllama.infer.params import SamplingParams
-from zhllama.infer.prompt import prompt_builder
+from zhllama.infer.prompt import end_of_turn_ids, prompt_builder
 from zhllama.model.init import GGUF_MAGIC, is_gguf
 
 DEFAULT_MAX_CONTEXT = 4096  # the KV cache is allocated up front: a 32k-context model must not take 32k by default
@@ -59,7 +58,7 @@ class LlamaCppEngine(Engine):
         self.prompt = prompt_builder(tokenizer, template)
         self.context_length = int(llm.n_ctx())
         self.max_tokens_limit = min(max_tokens_limit, self.context_length - 1)
-        self.eos_ids = _end_of_turn_ids(tokenizer, self.prompt.stop)
+        self.eos_ids = end_of_turn_ids(tokenizer, self.prompt.stop)
         self.n_vocab = int(llm.n_vocab())
         self._eval = llm.eval
         # generate() evaluates the whole prompt in one call; evaluating it batch by batch here (the same split

@@ -82,3 +82,15 @@ def prompt_builder(tokenizer, template: str | None = None) -> PromptBuilder:
     print("warning: the model's tokenizer has no chat template and no --template was given; using atom",
           file=sys.stderr)
     return PromptBuilder(tokenizer, TEMPLATES["atom"], TEMPLATES["atom"].stop, "default")
+
+
+def end_of_turn_ids(tokenizer, stops: tuple[str, ...]) -> list[int]:
+    """EOS plus every stop string that is a single token of its own (``<|im_end|>``, ``</s>``)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for stop in stops:
+        token = tokenizer.convert_tokens_to_ids(stop)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
+            ids.append(token)
+    if not ids:
+        raise ZhllamaError("the tokenizer has no EOS token and the template no single-token stop")
+    return ids
