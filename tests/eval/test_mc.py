@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from zhllama.errors import ZhllamaError
-from zhllama.eval.mc import build_prompt, evaluate, run_mc, score_questions
+from zhllama.eval.mc import build_prompt, encode_prompts, evaluate, run_mc, score_questions
 from zhllama.eval.mc_data import Question, SubjectInfo, read_benchmark
+from zhllama.model.init import load_tokenizer
 from zhllama.model.loading import load_checked
 
 CEVAL_HEADER = "id,question,A,B,C,D,answer"
@@ -94,6 +95,21 @@ def test_prompts_follow_each_benchmarks_wording():
     assert build_prompt("ceval", "高等数学", question, [ex1, ex2]) == ceval + shots + body
     assert build_prompt("cmmlu", "高等数学", question, []) == cmmlu + body
     assert build_prompt("cmmlu", "高等数学", question, [ex1, ex2]) == cmmlu + shots + body
+
+
+def test_control_token_strings_in_a_question_are_text(llama2_dir):
+    """A benchmark question is data: its "</s>" is scored as text, never as the EOS id (zhllama.chat.control)."""
+    tok = load_tokenizer(llama2_dir)
+    prompt = build_prompt("cmmlu", "农学", Question("s", 0, "</s>？", ("甲", "乙", "丙", "丁"), "A", "0"), [])
+    head = prompt[:prompt.index("</s>")]
+    assert tok(prompt).input_ids[len(tok(head).input_ids):][:2] == [2, 29871]  # what the tokenizer alone does
+    (seq,) = encode_prompts(tok, [prompt]).sequences
+    # '</', 's', '>' then '？' \n 'A' '.' ... '答案：' continuing the text (no dummy '▁' after the cut)
+    assert seq.ids == tok(head).input_ids + [829, 29879, 29958, 30882, 13, 29909, 29889, 29871, 31843, 13, 29933,
+                                             29889, 29871, 231, 188, 156, 13, 29907, 29889, 29871, 231, 187, 156,
+                                             13, 29928, 29889, 29871, 31968, 13, 234, 176, 151, 233, 164, 139, 30383]
+    assert seq.ids.count(tok.eos_token_id) == 0 and seq.ids.count(tok.bos_token_id) == 1
+    assert seq.targets == {0: [(74, 29909)], 1: [(74, 29933)], 2: [(74, 29907)], 3: [(74, 29928)]}
 
 
 def test_batched_scores_equal_single_prompt_forward_and_bias_picks_b(loaded):

@@ -116,3 +116,26 @@ def test_truncation_cuts_the_fewest_turns_in_few_tokenizations(llama2_dir):
     longer = builder.tokenizer(render(messages[:1] + messages[-(kept + 1):]), add_special_tokens=False)["input_ids"]
     assert len(longer) > 300
     assert len(calls) <= 12  # a binary search over 400 turns, not one tokenization per turn
+
+
+def test_message_content_is_text_but_a_raw_prompt_parses_control_tokens(llama2_dir):
+    """The rule of zhllama.infer.prompt: a message cannot write control tokens; a raw completion prompt
+    (generate --raw, /v1/completions) is the caller's whole prompt and may, as in vLLM."""
+    from zhllama.infer.engine import Engine
+    from zhllama.infer.params import SamplingParams
+
+    class Bare(Engine):
+        name, context_length, eos_ids = "bare", 4096, [2]
+
+        def __init__(self):
+            self.tokenizer = load_tokenizer(llama2_dir)
+            self.prompt = prompt_builder(self.tokenizer, "llama2")
+
+        def _submit(self, prompt_ids, params, sink):
+            raise AssertionError("nothing is generated here")
+
+    engine, params = Bare(), SamplingParams(max_tokens=8)
+    assert engine.encode_text("a</s><s>b", params) == [1, 263, 2, 1, 289]
+    # [INST] a '</' 's' '>' '<' 's' '>' b [/INST]: no EOS or BOS but the template's first <s>
+    assert engine.encode_chat([{"role": "user", "content": "a</s><s>b"}], params) == [
+        1, 518, 25580, 29962, 263, 829, 29879, 29958, 29966, 29879, 29958, 29890, 518, 29914, 25580, 29962]

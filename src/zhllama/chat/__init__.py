@@ -6,9 +6,9 @@ from zhllama.chat.templates import (
     ChatTemplate,
     get_template,
     register_chat_template,
-    tokenize_conversation,
     validate_messages,
 )
+from zhllama.chat.tokenize import tokenize_conversation
 
 __all__ = [
     "IGNORE_INDEX",

@@ -9,9 +9,10 @@ Conventions shared by all templates:
 
 * A conversation is a list of ``{"role": ..., "content": str}`` messages: an optional single leading ``system``
   message, then ``user`` and ``assistant`` messages alternating, starting with ``user``. It may end with either.
-* The literal strings ``"<s>"`` and ``"</s>"`` in the rendered text are the tokenizer's BOS/EOS special tokens: a
-  Hugging Face tokenizer maps them to their ids when encoding with the default ``split_special_tokens=False``. So
-  rendered text is always tokenized with ``add_special_tokens=False`` (the template writes BOS itself).
+* The literal strings ``"<s>"`` and ``"</s>"`` that the template writes are the tokenizer's BOS/EOS special tokens:
+  a Hugging Face tokenizer maps them to their ids. So rendered text is tokenized with ``add_special_tokens=False``
+  (the template writes BOS itself). The same strings inside message content are plain text: prompts are always
+  tokenized through ``zhllama.chat.control``, which marks content before rendering (see there).
 * The loss target of an assistant turn is its reply text plus its end-of-turn marker (``stop``); the header in front
   of it (``"<s>Assistant: "``, ``"[/INST]"``, ``"<|im_start|>assistant\\n"``) and all other text are not targets.
 * ``add_generation_prompt=True`` appends the assistant header; it requires the conversation to end with a user
@@ -304,68 +305,3 @@ def register_chat_template(tokenizer: Any, template: str | ChatTemplate) -> Any:
     """
     tokenizer.chat_template = get_template(template).jinja
     return tokenizer
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tokenization with loss masks
-
-
-def _encode(tokenizer: Any, segments: Segments, train_on_prompt: bool) -> tuple[list[int], list[int]]:
-    """Tokenize the whole rendered text once and label tokens from character offsets.
-
-    The tokenizer prepends the dummy "▁" at the start of every encode call and after every special token, so
-    encoding segment by segment would not reproduce the ids of the whole text; encoding once does, and a token is
-    a target when any character it covers lies in a target segment (a token like "▁hi" that spans the space of the
-    "Assistant: " header and the reply's first letter is a target).
-    """
-    text = "".join(t for t, _ in segments)
-    mask = bytearray(len(text))
-    pos = 0
-    for seg, target in segments:
-        if target:
-            mask[pos : pos + len(seg)] = b"\x01" * len(seg)
-        pos += len(seg)
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as exc:
-        raise ZhllamaError("tokenize_conversation needs a fast tokenizer (offset mapping)") from exc
-    ids = list(enc["input_ids"])
-    if train_on_prompt:
-        return ids, list(ids)
-    labels = []
-    for tok_id, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
-        end = max(end, start + 1)
-        labels.append(tok_id if any(mask[start:end]) else IGNORE_INDEX)
-    return ids, labels
-
-
-def tokenize_conversation(
-    tokenizer: Any,
-    template: str | ChatTemplate,
-    messages: Any,
-    max_len: int | None = None,
-    train_on_prompt: bool = False,
-) -> dict[str, Any]:
-    """Token ids and labels of a conversation for SFT.
-
-    ``input_ids`` equal ``tokenizer.apply_chat_template(messages)`` with the template registered. ``labels`` hold
-    the ids of every assistant reply with its end-of-turn marker and -100 elsewhere (all ids when
-    ``train_on_prompt``). With ``max_len``, the oldest whole turns (user + assistant, the system message is kept)
-    are dropped until the conversation fits; ``dropped_turns`` says how many. If the last turn alone does not fit,
-    ZhllamaError is raised.
-    """
-    tpl = get_template(template)
-    system, turns = _split(messages)
-    if max_len is not None and max_len < 1:
-        raise ZhllamaError(f"max_len must be positive, got {max_len}")
-    dropped = 0
-    while True:
-        ids, labels = _encode(tokenizer, tpl._segments(system, turns, False), train_on_prompt)
-        if max_len is None or len(ids) <= max_len:
-            return {"input_ids": ids, "labels": labels, "dropped_turns": dropped}
-        if len(turns) == 1:
-            raise ZhllamaError(
-                f"the last turn of the conversation alone is {len(ids)} tokens, longer than max_len={max_len}"
-            )
-        turns = turns[1:]
-        dropped += 1

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
+from zhllama.chat.control import encode_plain
 from zhllama.data.readers import ReadReport, iter_texts
 from zhllama.errors import ZhllamaError
 
@@ -135,10 +136,9 @@ def pack(tokenizer_dir: str | Path, inputs: list[str | Path], seq_len: int, out:
             with tqdm(desc="tokenizing", unit="doc", disable=None) as bar:
                 docs_iter = documents()
                 while batch := list(itertools.islice(docs_iter, BATCH_DOCS)):
-                    # split_special_tokens: a literal "<s>" in the text must not become a BOS id, or it
-                    # would look like a document boundary.
-                    ids = tok([text for _, text in batch], add_special_tokens=False,
-                              split_special_tokens=True)["input_ids"]
+                    # A literal "<s>" in the text must not become a BOS id, or it would look like a document
+                    # boundary: documents are plain text, as message content is (zhllama.chat.control).
+                    ids = encode_plain(tok, [text for _, text in batch])
                     docs = {"train": [], "val": []}
                     for (is_val, _), doc in zip(batch, ids, strict=True):
                         docs["val" if is_val else "train"].append(np.array([bos, *doc, eos], dtype=dtype))

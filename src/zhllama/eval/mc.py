@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from zhllama.chat.control import encode_plain
 from zhllama.errors import ZhllamaError
 from zhllama.eval.mc_data import LETTERS, Question, SubjectInfo, check_task, read_benchmark
 
@@ -86,8 +87,9 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int | None = None) ->
     out = Encoded()
     if not prompts:
         return out
-    prompt_ids = tokenizer(prompts).input_ids
-    letter_ids = [tokenizer([p + letter for p in prompts]).input_ids for letter in LETTERS]
+    # Questions are data: a "</s>" in one is text, not EOS (encode_plain); BOS is added as the tokenizer says.
+    prompt_ids = encode_plain(tokenizer, prompts, add_special_tokens=True)
+    letter_ids = [encode_plain(tokenizer, [p + letter for p in prompts], add_special_tokens=True) for letter in LETTERS]
     bos = tokenizer.bos_token_id
     for i, ids in enumerate(prompt_ids):
         withs = [letter_ids[j][i] for j in range(len(LETTERS))]
@@ -183,12 +185,12 @@ def fit_prompts(task: str, tokenizer, info: list[SubjectInfo], questions: list[Q
     shots = [len(ex) for ex in examples]
     if max_len is None or not prompts:
         return prompts, shots
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]  # one batched call; refits are rare
+    lengths = [len(ids) for ids in encode_plain(tokenizer, prompts, add_special_tokens=True)]  # refits are rare
     for n, length in enumerate(lengths):
         while length > max_len and shots[n] > 0:
             shots[n] -= 1
             prompts[n] = build_prompt(task, info[n].zh, questions[n], examples[n][:shots[n]])
-            length = len(tokenizer(prompts[n]).input_ids)
+            length = len(encode_plain(tokenizer, [prompts[n]], add_special_tokens=True)[0])
     return prompts, shots
 
 

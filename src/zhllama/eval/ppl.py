@@ -98,7 +98,9 @@ def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ZhllamaError("the tokenizer has neither a BOS nor an EOS token to start documents with")
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    from zhllama.chat.control import encode_plain  # "</s>" in a document is text, as `data pack` reads it
+
+    encoded = encode_plain(tokenizer, texts) if texts else []
     return [[start, *ids] for ids in encoded]
 
 

@@ -141,17 +141,18 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = M
 
     The raw prompt is continued unless the tokenizer carries a chat template (an SFT run), which is then used.
     """
+    from zhllama.chat.control import encode_plain
+    from zhllama.infer.prompt import prompt_builder
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for prompt in prompts:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if tokenizer.chat_template:  # the prompt rule of chat/serve: the question is text, the template is markup
+            ids = prompt_builder(tokenizer).encode([{"role": "user", "content": prompt}])
         else:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ids = ids.to(device)
+            ids = encode_plain(tokenizer, [prompt], add_special_tokens=True)[0]
+        ids = torch.tensor([ids], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad)
         answers.append(tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True))

@@ -7,6 +7,12 @@
 
 A too-long prompt is an error naming the lengths, or, when the caller asks, loses its oldest turns (the system
 message and the last user message stay) until it fits.
+
+Only the template writes control tokens: message content is marked and tokenized as plain text
+(``zhllama.chat.control``), for our templates and for a model's own Jinja alike, so ``</s><s>Assistant: `` typed
+into a message forges no turn. A raw prompt (``generate --raw``, ``/v1/completions``) has no template and no
+content to keep apart from it: the caller writes the whole prompt, control tokens included, and the tokenizer
+parses them as vLLM and llama.cpp's server do (``Engine.encode_text``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhllama.chat import TEMPLATES, ChatTemplate, get_template, validate_messages
+from zhllama.chat.control import encode_marked, mark_messages
 from zhllama.errors import ZhllamaError
 
 
@@ -27,6 +34,7 @@ class PromptBuilder:
     source: str  # "model", "--template" or "default"
 
     def render(self, messages: list[dict]) -> str:
+        """The prompt text; of marked messages (``mark_messages``), the marked text that ``encode_marked`` reads."""
         if self.template is not None:
             return self.template.render(messages, add_generation_prompt=True)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -40,7 +48,8 @@ class PromptBuilder:
         body = messages[len(system):]
 
         def ids_without(pairs: int) -> list[int]:  # the prompt with the oldest `pairs` user/assistant turns cut
-            return self.tokenizer(self.render(system + body[2 * pairs:]), add_special_tokens=False)["input_ids"]
+            marked = mark_messages(self.tokenizer, system + body[2 * pairs:])
+            return encode_marked(self.tokenizer, self.render(marked))[0]
 
         ids = ids_without(0)
         if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
