@@ -48,3 +48,35 @@ def test_adapter_for_another_vocabulary_names_both_sizes(tiny_zh_model, workdir,
     assert not (tmp_path / "out").exists()
     result = run("lora", "merge", "--base", base_32k, "--adapter", adapter, "--out", tmp_path / "out")
     assert_one_line_error(result, "34000", "32000")
+
+
+@pytest.mark.parametrize("template", ["atom", "llama2", "chatml"])
+def test_merged_sft_adapter_keeps_the_training_template(tiny_zh_model, tmp_path, template):
+    """`lora merge` of an SFT adapter serves the prompts training saw: the merged tokenizer's own
+    apply_chat_template gives the training ids, and the generation settings are the run's."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.train.test_sft import cfg_for
+    from zhllama.config import LoraSettings
+    from zhllama.data.sft_batches import tokenize_examples
+    from zhllama.train import sft
+
+    conversation = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                    {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"},
+                    {"role": "assistant", "content": "再见。"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n", encoding="utf-8")
+    cfg = cfg_for(template=template, max_steps=1, batch_size=1, trainable="lora",
+                  lora=LoraSettings(r=2, alpha=4, dropout=0.0, train_embeddings=False))
+    run_dir = sft(tiny_zh_model, [data], tmp_path / "run", cfg)
+    merged = merge_adapters(tiny_zh_model, [run_dir / "adapter"], tmp_path / "merged")
+
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    want = tokenize_examples(tok, template, [conversation], 512, progress=False).input_ids[0].tolist()
+    assert list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False)) == want
+    assert (merged / "chat_template.jinja").read_text() == (run_dir / "final" / "chat_template.jinja").read_text()
+    assert json.loads((merged / "generation_config.json").read_text()) == \
+        json.loads((run_dir / "final" / "generation_config.json").read_text())
+    assert not (tiny_zh_model / "chat_template.jinja").exists()  # the template came from the adapter, not the base

@@ -8,6 +8,7 @@ load_state_dict with a shape error. We read the adapter's own tensors first and 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -17,6 +18,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.tokenizer.hf import copy_hf_tokenizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 
 
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -50,6 +52,17 @@ def check_adapter(adapter_dir: Path, base_rows: int) -> None:
             f"`zhllama model extend-vocab` if it was trained on an extended vocabulary)")
 
 
+def carry_run_files(base_dir: Path, adapters: list[Path], out: Path) -> None:
+    """The tokenizer (with its chat template and special tokens) and generation config of the last adapter that
+    carries them, else the base's: an SFT adapter was trained with a template the base does not know, and serving
+    the merged model with another template would break the one-template rule."""
+    with_tokenizer = [a for a in adapters if (a / "tokenizer_config.json").is_file()]
+    copy_hf_tokenizer(with_tokenizer[-1] if with_tokenizer else base_dir, out)
+    with_generation = [a for a in adapters if (a / GENERATION_CONFIG).is_file()]
+    if with_generation:
+        shutil.copy2(with_generation[-1] / GENERATION_CONFIG, out / GENERATION_CONFIG)
+
+
 def merge_adapters(base_dir: str | Path, adapters: list[str | Path], out: str | Path) -> Path:
     """Apply each adapter in turn and fold it into the weights; write a standalone HF folder."""
     from peft import PeftModel
@@ -74,7 +87,7 @@ def merge_adapters(base_dir: str | Path, adapters: list[str | Path], out: str | 
             raise ZhllamaError(f"adapter {adapter} does not fit base {base_dir}: {first}") from None
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp)
-        copy_hf_tokenizer(base_dir, tmp)
+        carry_run_files(base_dir, [Path(a) for a in adapters], tmp)
         write_provenance(tmp, "lora merge", {"base": base_dir, "adapter": [str(a) for a in adapters]},
                          {str(a): file_sha256(Path(a) / ADAPTER_WEIGHTS) for a in adapters},
                          adapter_configs=[json.loads((Path(a) / "adapter_config.json").read_text())
