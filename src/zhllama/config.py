@@ -47,8 +47,10 @@ class TrainConfig:
     # all | embeddings (embed_tokens + lm_head) | lora (LoRA adapters, see lora.train_embeddings) | qlora (LoRA on
     # a 4-bit NF4 base; needs a CUDA GPU and bitsandbytes)
     trainable: str = "all"
-    # Restart positions at each document start inside a block; attention then stays inside each document.
-    reset_position_ids: bool = False
+    # Restart positions at each document start inside a block; attention then stays inside each document (the
+    # span attention of train/varlen.py) and no document learns to predict the next one's first token.
+    # None: follow the data, on when it was packed with --doc-boundaries; true or false overrides it.
+    reset_position_ids: bool | None = None
     # RoPE scaling applied to the model before training (linear | dynamic | yarn | llama3, with a factor > 1), so
     # the context it is trained at, and the saved config, carry the stretched positions.
     rope: str | None = None

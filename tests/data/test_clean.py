@@ -188,6 +188,19 @@ def test_empty_input_stops_with_one_line_and_leaves_no_output(tmp_path, content)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
 
 
+def test_input_without_a_usable_document_is_an_error_and_leaves_no_output(tmp_path):
+    blob = tmp_path / "blob.bin.txt"
+    blob.write_bytes(bytes(range(256)) * 8)  # binary: control characters, then bytes that are not UTF-8
+    with pytest.raises(ZhllamaError, match=r"^no usable document in .*blob\.bin\.txt \(1 read, all dropped: "
+                                           r"too_short 1; 8 malformed lines skipped\)$"):
+        clean_files([blob], tmp_path / "out.jsonl", tmp_path / "report.json", CleanConfig(workers=1))
+    spam = tmp_path / "spam.txt"
+    spam.write_text("short\nhello world, this is English text only\n", encoding="utf-8")
+    with pytest.raises(ZhllamaError, match=r"spam\.txt \(2 read, all dropped: too_short 1, low_cjk 1\)$"):
+        clean_files([spam], tmp_path / "out.jsonl", tmp_path / "report.json", CleanConfig(workers=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin.txt", "spam.txt"]
+
+
 def test_missing_input_is_named(tmp_path):
     with pytest.raises(ZhllamaError, match="nope.jsonl: no such file"):
         clean_files([tmp_path / "nope.jsonl"], tmp_path / "out.jsonl")

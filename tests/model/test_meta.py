@@ -260,3 +260,20 @@ def test_convert_meta_command_line(tmp_path, meta_dirs):
     result = run("convert", "meta", "--input", one, "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_a_shard_holding_code_is_refused_without_suggesting_the_unsafe_retry(tmp_path, capsys, meta_dirs):
+    import argparse
+
+    from tests.test_cli import assert_one_line_error, run_in_process
+
+    _, two, _ = meta_dirs
+    src = tmp_path / "src"
+    shutil.copytree(two, src)
+    shard = torch.load(src / "consolidated.01.pth", weights_only=True)
+    torch.save({**shard, "args": argparse.Namespace(lr=1)}, src / "consolidated.01.pth")  # a pickled object
+    result = run_in_process(capsys, "convert", "meta", "--input", src, "--out", tmp_path / "out")
+    assert_one_line_error(result, f"{src / 'consolidated.01.pth'}: holds code or Python objects that are not "
+                                  "weights (it refers to argparse.Namespace)")
+    assert "weights_only" not in result.stderr and "succeed" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -98,18 +98,54 @@ def test_killed_run_resumes_to_the_same_weights_bitwise(tiny_zh_model, packed_di
     assert [r["step"] for r in read_log(run) if r["kind"] == "train"] == list(range(1, 11))
 
 
-def test_two_process_ddp_follows_the_one_process_loss_curve(tiny_zh_model, packed_dir, tmp_path):
-    one = pretrain(tiny_zh_model, packed_dir, tmp_path / "one", small_cfg(max_steps=4, batch_size=4))
+def torchrun_pretrain(model, data, out, *flags):
+    """A 2-process DDP (gloo) pretraining run from the command line; its log's train losses."""
+    recipe = out.with_name(out.name + ".yaml")
+    recipe.write_text("warmup_steps: 2\nlog_every: 1\neval_batches: 2\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zhllama",
-           "train", "pretrain", "--model", str(tiny_zh_model), "--data", str(packed_dir), "--out",
-           str(tmp_path / "two"), "--max-steps", "4", "--batch-size", "2", "--lr", "2e-3", "--save-every", "3",
-           "--eval-every", "3", "--seed", "0", "--precision", "fp32", "--config", str(tmp_path / "r.yaml")]
-    (tmp_path / "r.yaml").write_text("warmup_steps: 2\nlog_every: 1\neval_batches: 2\n")
+           "train", "pretrain", "--model", str(model), "--data", str(data), "--out", str(out), "--lr", "2e-3",
+           "--save-every", "3", "--eval-every", "3", "--seed", "0", "--precision", "fp32", "--config", str(recipe),
+           *map(str, flags)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(train_losses(tmp_path / "two")) == 4
-    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one), rel=1e-5)
+    return train_losses(out)
+
+
+def test_two_process_ddp_follows_the_one_process_loss_curve(tiny_zh_model, packed_dir, tmp_path):
+    one = pretrain(tiny_zh_model, packed_dir, tmp_path / "one", small_cfg(max_steps=4, batch_size=4))
+    two = torchrun_pretrain(tiny_zh_model, packed_dir, tmp_path / "two", "--max-steps", 4, "--batch-size", 2)
+    assert len(two) == 4
+    assert two == pytest.approx(train_losses(one), rel=1e-5)
+
+
+def max_difference(a, b):
+    assert len(a) == len(b) == 4
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def test_grad_accum_follows_the_big_batch_loss_curve(tiny_zh_model, packed_dir, tmp_path):
+    quiet = dict(max_steps=4, save_every=100, eval_every=100)  # one checkpoint and one eval, at the end
+    big = pretrain(tiny_zh_model, packed_dir, tmp_path / "big", small_cfg(batch_size=8, **quiet))
+    acc = pretrain(tiny_zh_model, packed_dir, tmp_path / "acc", small_cfg(batch_size=2, grad_accum=4, **quiet))
+    diff = max_difference(train_losses(big), train_losses(acc))
+    print(f"grad-accum 4 x batch 2 against batch 8, 1 process: max |loss difference| {diff:.2e}")
+    assert diff <= 1e-5
+    assert train_losses(big)[-1] < train_losses(big)[0]  # it did train: the curves are not flat
+    norms = [[r["grad_norm"] for r in read_log(run) if r["kind"] == "train"] for run in (big, acc)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+def test_grad_accum_on_two_processes_follows_the_same_global_batch(tiny_zh_model, packed_dir, tmp_path):
+    # 2 processes x --batch-size 2 x --grad-accum 4 is the global batch of --batch-size 8 on 2 processes, and so
+    # of --batch-size 16 on one (same global batch, same curve: the DDP test above).
+    one = pretrain(tiny_zh_model, packed_dir, tmp_path / "one",
+                   small_cfg(max_steps=4, batch_size=16, save_every=100, eval_every=100))
+    two = torchrun_pretrain(tiny_zh_model, packed_dir, tmp_path / "two", "--max-steps", 4, "--batch-size", 2,
+                            "--grad-accum", 4)
+    diff = max_difference(train_losses(one), two)
+    print(f"grad-accum 4 x batch 2 x 2 processes against batch 16, 1 process: max |loss difference| {diff:.2e}")
+    assert diff <= 1e-5
 
 
 def test_data_packed_with_another_tokenizer_is_refused(tiny_zh_model, llama2_dir, zh_train_file, tmp_path):
@@ -142,3 +178,46 @@ def test_seq_len_beyond_the_model_positions_is_refused(tiny_zh_model, packed_dir
     (short / "config.json").write_text(json.dumps(config))
     with pytest.raises(ZhllamaError, match="larger than the model supports"):
         pretrain(short, packed_dir, tmp_path / "run", small_cfg())
+
+
+def test_a_block_of_two_documents_gives_the_losses_of_each_document_alone(tiny_zh_model, tmp_path):
+    from zhllama.model.init import load_tokenizer
+    from zhllama.train import IGNORE, PackedTrainData, load_for_training
+
+    texts = ["今天天气很好，我们去公园散步。", "人民日报记者报道，新建的铁路今天正式通车了。"]
+    tok = load_tokenizer(tiny_zh_model)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts]  # with BOS and EOS
+    src = tmp_path / "two.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    packed = pack(tiny_zh_model, [src], sum(lengths), tmp_path / "packed", doc_boundaries=True)
+
+    data = PackedTrainData(packed, sum(lengths), TrainConfig().reset_position_ids)  # the default follows the data
+    batch = data.train_batch([0])
+    model = load_for_training(tiny_zh_model).eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        targets = batch["labels"][0, 1:]
+        in_block = F.cross_entropy(logits[:-1], targets, ignore_index=IGNORE, reduction="none")[targets != IGNORE]
+        docs = torch.split(batch["input_ids"][0], lengths)
+        alone = torch.cat([F.cross_entropy(model(input_ids=d[None], use_cache=False).logits[0, :-1], d[1:],
+                                           reduction="none") for d in docs])
+    assert [d[0].item() for d in docs] == [tok.bos_token_id] * 2
+    assert in_block.shape == alone.shape == (sum(lengths) - 2,)  # no target crosses from one document to the next
+    assert torch.allclose(in_block, alone, atol=1e-5)
+
+    # `train pretrain` with the default recipe trains on exactly those losses.
+    run = pretrain(tiny_zh_model, packed, tmp_path / "run", small_cfg(max_steps=1, batch_size=1, eval_every=100))
+    (first,) = [r for r in read_log(run) if r["kind"] == "train"]
+    assert first["loss"] == pytest.approx(alone.mean().item(), rel=1e-5)
+    # reset_position_ids: false in a recipe still turns it off.
+    assert "position_ids" not in PackedTrainData(packed, sum(lengths), False).train_batch([0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU (and bitsandbytes) QLoRA runs")
+def test_pretrain_with_qlora_and_no_gpu_is_refused(tiny_zh_model, packed_dir, tmp_path):
+    from tests.test_cli import assert_one_line_error, run
+
+    result = run("train", "pretrain", "--model", tiny_zh_model, "--data", packed_dir, "--out", tmp_path / "run",
+                 "--trainable", "qlora", "--max-steps", 1, "--precision", "fp32")
+    assert_one_line_error(result, "QLoRA needs a CUDA GPU")
+    assert not (tmp_path / "run").exists()

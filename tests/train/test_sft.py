@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,7 +15,8 @@ from zhllama.data.sft_batches import collate, pack_examples, tokenize_examples
 from zhllama.errors import ZhllamaError
 from zhllama.model.init import load_tokenizer
 from zhllama.train import sft
-from zhllama.train.loop import token_loss
+from zhllama.train.logs import read_log
+from zhllama.train.loop import sample_ids, token_loss, tokens_seen
 from zhllama.train.lora import merge_adapters
 from zhllama.train.sft import prepare_sft_data
 
@@ -181,3 +183,26 @@ def test_two_process_sft_follows_the_one_process_loss_curve(tiny_zh_model, sft_f
     assert done.returncode == 0, done.stderr[-3000:]
     assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one), rel=1e-5)
     assert (tmp_path / "two" / "final" / "chat_template.jinja").is_file()
+    # The log's cumulative tokens are the real tokens of the rows trained on (no padding), on any process count.
+    data, _ = prepare_sft_data(tiny_zh_model, [sft_file], cfg_for(), progress=False)
+    row_tokens = [sum(len(data.train.input_ids[i]) for i in row) for row in data.train_rows]
+    cfg, seen, want = cfg_for(max_steps=3, batch_size=4), 0, []
+    for step in range(3):
+        seen += sum(row_tokens[i] for i in sample_ids(step, 0, 0, cfg, 1, len(row_tokens)))
+        want.append(seen)
+    assert logged_tokens(one) == logged_tokens(tmp_path / "two") == want
+
+
+def logged_tokens(run_dir):
+    return [r["tokens"] for r in read_log(run_dir) if r["kind"] == "train"]
+
+
+def test_tokens_seen_counts_the_samples_of_every_step_across_epochs():
+    counts = np.array([5, 1, 7, 3, 2])
+    cfg = cfg_for(batch_size=2, grad_accum=2)
+    for world in (1, 2):
+        total = 0
+        for step in range(6):  # 4 or 8 samples a step: several passes over the 5 samples
+            assert tokens_seen(step, cfg, world, counts) == total
+            total += sum(int(counts[i]) for m in range(2) for r in range(world)
+                         for i in sample_ids(step, m, r, cfg, world, len(counts)))

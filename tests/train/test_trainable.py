@@ -1,11 +1,14 @@
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.train.test_pretrain import small_cfg, train_losses
-from zhllama.config import LoraSettings
+from zhllama.config import LoraSettings, TrainConfig
+from zhllama.errors import ZhllamaError
 from zhllama.train import pretrain
 from zhllama.train.lora import merge_adapters
+from zhllama.train.trainable import prepare_trainable
 
 
 def test_embeddings_mode_trains_only_embed_tokens_and_lm_head(tiny_zh_model, packed_dir, tmp_path):
@@ -34,3 +37,9 @@ def test_lora_mode_exports_a_plain_merged_model_that_learned(tiny_zh_model, pack
     # The adapter is kept too, and merging it onto the base gives the same model as final/.
     again = load_file(str(merge_adapters(tiny_zh_model, [run / "adapter"], tmp_path / "again") / "model.safetensors"))
     assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
+
+
+def test_qlora_on_a_full_precision_base_is_refused(tiny_zh_model):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_zh_model))
+    with pytest.raises(ZhllamaError, match="trainable qlora needs the base model loaded in 4-bit NF4"):
+        prepare_trainable(model, TrainConfig(trainable="qlora"))

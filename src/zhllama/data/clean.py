@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zhllama.artifacts import atomic_output_file, check_output_path, write_json_atomic
 from zhllama.data.dedup import (
     NearDuplicateIndex,
     codepoints,
@@ -286,14 +287,36 @@ class _Tally:
             self.characters["dropped"][reason] += size
 
 
+def _check_usable(tally: _Tally, paths: list[Path]) -> None:
+    """No document left is an error, not an empty output: the input was empty, binary, or all of it was dropped."""
+    docs, skipped = tally.documents, tally.malformed["count"]
+    names = ", ".join(map(str, paths))
+    malformed = f"{skipped} malformed lines skipped" if skipped else ""
+    if docs["in"] == 0:
+        raise ZhllamaError(f"no documents in {names}" + (f" ({malformed})" if malformed else ""))
+    if docs["kept"] == 0:
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in docs["dropped"].items() if n)
+        raise ZhllamaError(f"no usable document in {names} ({docs['in']:,} read, all dropped: {reasons}"
+                           + (f"; {malformed}" if malformed else "") + ")")
+
+
+def summary_line(report: dict) -> str:
+    """What `zhllama data clean` prints: documents kept and dropped by reason, malformed lines skipped."""
+    docs, bad = report["documents"], report["malformed"]["count"]
+    dropped = ", ".join(f"{reason} {n:,}" for reason, n in docs["dropped"].items() if n) or "none"
+    line = (f"kept {docs['kept']:,} of {docs['in']:,} documents ({report['characters']['written']:,} characters) "
+            f"in {report['output']}; dropped: {dropped}")
+    return line + (f"; skipped {bad:,} malformed line{'s' if bad != 1 else ''}" if bad else "")
+
+
 def clean_files(inputs: list[str | Path], out_path: str | Path, report_path: str | Path | None = None,
                 cfg: CleanConfig | None = None) -> dict:
     """Clean `inputs` (.jsonl rows with a `text` field, or .txt lines) into `out_path` (JSONL); return the report.
 
     The report (also written to `report_path` as JSON) counts documents and characters in, kept and dropped
     per reason (characters as read, before normalisation; `written` counts the normalised output), and lists
-    malformed lines as "file:line: why". Malformed lines are skipped, never fatal. The output appears only
-    when the run completes.
+    malformed lines as "file:line: why". Malformed lines are skipped, never fatal; no document kept is an
+    error. The output appears only when the run completes.
     """
     cfg = CleanConfig(**asdict(cfg)) if cfg is not None else CleanConfig()
     cfg.workers = max(1, cfg.workers or os.cpu_count() or 1)
@@ -302,41 +325,34 @@ def clean_files(inputs: list[str | Path], out_path: str | Path, report_path: str
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ZhllamaError(f"{out_path} is a folder; the output is one .jsonl file")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial_path = out_path.with_name(out_path.name + ".partial")
+    for path in (out_path, report_path):
+        if path is not None:
+            check_output_path(path)  # before the long part, not after it
     _char_classes()  # built once here, so forked workers inherit it instead of each building it
 
     tally, seen, near = _Tally(), set(), NearDuplicateIndex(cfg.near_dup_threshold, cfg.num_perm)
     start = time.perf_counter()
-    try:
-        with partial_path.open("w", encoding="utf-8") as out:
-            work = partial(_process_chunk, cfg=cfg)
-            for results in _ordered_map(work, _chunks(paths, cfg.chunk_lines), cfg.workers):
-                for where, result in results:
-                    if result[0] == "malformed":
-                        tally.bad_line(where, result[1])
-                        continue
-                    _, size, written, reason, line, digest, sig = result
-                    # Dedup runs here, in input order, so the first copy is kept whatever the worker count.
-                    if reason is None and digest is not None:
-                        if digest in seen:
-                            reason = "exact_duplicate"
-                        seen.add(digest)
-                    if reason is None and sig is not None:
-                        key = tally.documents["in"]
-                        if near.add_if_new(key, np.frombuffer(sig, dtype=np.uint32)) is not None:
-                            reason = "near_duplicate"
-                    tally.document(size, reason, written)
-                    if reason is None:
-                        out.write(line)
-        if tally.documents["in"] == 0:
-            skipped = tally.malformed["count"]
-            raise ZhllamaError(f"no documents in {', '.join(map(str, paths))}"
-                               + (f" ({skipped} malformed lines skipped)" if skipped else ""))
-        partial_path.replace(out_path)
-    except BaseException:
-        partial_path.unlink(missing_ok=True)
-        raise
+    with atomic_output_file(out_path) as partial_path, partial_path.open("w", encoding="utf-8") as out:
+        work = partial(_process_chunk, cfg=cfg)
+        for results in _ordered_map(work, _chunks(paths, cfg.chunk_lines), cfg.workers):
+            for where, result in results:
+                if result[0] == "malformed":
+                    tally.bad_line(where, result[1])
+                    continue
+                _, size, written, reason, line, digest, sig = result
+                # Dedup runs here, in input order, so the first copy is kept whatever the worker count.
+                if reason is None and digest is not None:
+                    if digest in seen:
+                        reason = "exact_duplicate"
+                    seen.add(digest)
+                if reason is None and sig is not None:
+                    key = tally.documents["in"]
+                    if near.add_if_new(key, np.frombuffer(sig, dtype=np.uint32)) is not None:
+                        reason = "near_duplicate"
+                tally.document(size, reason, written)
+                if reason is None:
+                    out.write(line)
+        _check_usable(tally, paths)
     seconds = time.perf_counter() - start
     report = {
         "inputs": [str(p) for p in paths],
@@ -350,9 +366,5 @@ def clean_files(inputs: list[str | Path], out_path: str | Path, report_path: str
         "mb_per_s": round(sum(p.stat().st_size for p in paths) / 1e6 / seconds, 3),  # MB of input read
     }
     if report_path is not None:
-        report_path = Path(report_path)
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = report_path.with_name(report_path.name + ".partial")
-        tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(report_path)
+        write_json_atomic(report_path, report)
     return report

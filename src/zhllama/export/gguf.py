@@ -16,13 +16,13 @@ RoPE scaling (config.rope_parameters, the transformers 5 form):
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from zhllama.artifacts import atomic_output_file, check_output_path
 from zhllama.errors import ZhllamaError
 from zhllama.model.init import is_gguf, require_hf_folder
 from zhllama.tokenizer.spm import CONTROL, UNUSED, USER_DEFINED, load_proto
@@ -50,6 +50,7 @@ def _check_inputs(model_dir: Path, out: Path, qtype: str, pad_vocab) -> None:
     # Overwrite only a previous GGUF (or an empty file): a mistyped --out must not destroy other data.
     if out.exists() and out.stat().st_size > 0 and not is_gguf(out):
         raise ZhllamaError(f"{out} exists and is not a GGUF file; choose another --out")
+    check_output_path(out)  # before the model loads, not after the conversion
 
 
 def _vocabulary(model_dir: Path, tok) -> tuple[list[str], list[float], list[int]]:
@@ -216,63 +217,58 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", pad_
     tensor_type, file_type = _qtypes()[qtype]
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     fallbacks: list[str] = []
-    # Temp-file mode keeps converted tensors on disk, not in memory, until the file is assembled.
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
-    try:
-        writer.add_name(model_dir.resolve().name)
-        writer.add_context_length(int(config.max_position_embeddings))
-        writer.add_embedding_length(int(config.hidden_size))
-        writer.add_block_count(int(config.num_hidden_layers))
-        writer.add_feed_forward_length(int(config.intermediate_size))
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        if head_dim != config.hidden_size // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        writer.add_rope_dimension_count(int(head_dim * float(params.get("partial_rotary_factor", 1.0))))
-        writer.add_rope_freq_base(theta)
-        writer.add_vocab_size(rows)
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        rope_freqs = _write_rope(writer, config, head_dim, theta)
-        _write_tokenizer(writer, tok, model_dir, tokens, scores, types)
+    with atomic_output_file(out) as tmp:
+        # Temp-file mode keeps converted tensors on disk, not in memory, until the file is assembled.
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
+        try:
+            writer.add_name(model_dir.resolve().name)
+            writer.add_context_length(int(config.max_position_embeddings))
+            writer.add_embedding_length(int(config.hidden_size))
+            writer.add_block_count(int(config.num_hidden_layers))
+            writer.add_feed_forward_length(int(config.intermediate_size))
+            writer.add_head_count(n_head)
+            writer.add_head_count_kv(n_kv)
+            if head_dim != config.hidden_size // n_head:
+                writer.add_key_length(head_dim)
+                writer.add_value_length(head_dim)
+            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+            writer.add_rope_dimension_count(int(head_dim * float(params.get("partial_rotary_factor", 1.0))))
+            writer.add_rope_freq_base(theta)
+            writer.add_vocab_size(rows)
+            writer.add_file_type(int(file_type))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            rope_freqs = _write_rope(writer, config, head_dim, theta)
+            _write_tokenizer(writer, tok, model_dir, tokens, scores, types)
 
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
-        if rope_freqs is not None:
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
-        for name, tensor in state.items():
-            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                continue  # recomputed by llama.cpp / shared with token_embd
-            new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-            if new_name is None:
-                raise ZhllamaError(f"{model_dir}: tensor {name} has no llama GGUF name; not a plain Llama model")
-            arr = tensor.detach().to(torch.float32).cpu().numpy()
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                arr = _permute(arr, n_head)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                arr = _permute(arr, n_kv)
-            if name in ("model.embed_tokens.weight", "lm_head.weight") and rows > arr.shape[0]:
-                # New rows are the mean row: an embedding like an average token and an output logit near the
-                # average, instead of zeros that would outrank every negative logit.
-                mean = arr.mean(axis=0, keepdims=True)
-                arr = np.concatenate([arr, np.repeat(mean, rows - arr.shape[0], axis=0)])
-            kind = _tensor_type(new_name, arr, tensor_type, fallbacks)
-            data = gguf.quants.quantize(np.ascontiguousarray(arr), kind)
-            writer.add_tensor(new_name, data, raw_dtype=kind)
-        del model, state
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+            if rope_freqs is not None:
+                writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
+            for name, tensor in state.items():
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue  # recomputed by llama.cpp / shared with token_embd
+                new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+                if new_name is None:
+                    raise ZhllamaError(f"{model_dir}: tensor {name} has no llama GGUF name; not a plain Llama model")
+                arr = tensor.detach().to(torch.float32).cpu().numpy()
+                if name.endswith(("q_proj.weight", "q_proj.bias")):
+                    arr = _permute(arr, n_head)
+                elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                    arr = _permute(arr, n_kv)
+                if name in ("model.embed_tokens.weight", "lm_head.weight") and rows > arr.shape[0]:
+                    # New rows are the mean row: an embedding like an average token and an output logit near the
+                    # average, instead of zeros that would outrank every negative logit.
+                    mean = arr.mean(axis=0, keepdims=True)
+                    arr = np.concatenate([arr, np.repeat(mean, rows - arr.shape[0], axis=0)])
+                kind = _tensor_type(new_name, arr, tensor_type, fallbacks)
+                data = gguf.quants.quantize(np.ascontiguousarray(arr), kind)
+                writer.add_tensor(new_name, data, raw_dtype=kind)
+            del model, state
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     if rows > n_rows:
         print(f"note: added {rows - n_rows} embedding/output rows ({n_rows} -> {rows}), initialised to the mean row",
               file=sys.stderr)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
+from zhllama.artifacts import atomic_output_dir, check_output_path, file_sha256, write_provenance
 from zhllama.errors import ZhllamaError
 from zhllama.model.presets import get_preset, llama_config
 from zhllama.tokenizer.hf import HF_FILES, copy_hf_tokenizer
@@ -63,6 +63,7 @@ def init_model(preset: str, tokenizer_dir: str | Path, out: str | Path, seed: in
     from transformers import LlamaForCausalLM
 
     get_preset(preset)  # an unknown preset fails before the tokenizer is loaded
+    check_output_path(out)  # and an unwritable --out before a 7B model is built
     tokenizer_dir = Path(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     # len() counts added tokens too; vocab_size alone would leave their ids without an embedding row.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
+from zhllama.artifacts import atomic_output_dir, check_output_path, file_sha256, write_provenance
 from zhllama.errors import ZhllamaError
 
 # params.json from Llama-2 does not name the context length; Llama-2 was trained with 4096 tokens.
@@ -103,12 +103,25 @@ def shard_paths(input_dir: Path) -> list[Path]:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A shard's tensors, unpickled only as plain tensors: a file that needs more is refused, never run."""
+    import pickle
+    import re
+    import warnings
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for anything but plain tensors, or a damaged file
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of the very files it refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message suggests retrying with weights_only=False, which would run whatever the file holds.
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        what = f" (it refers to {found.group(1)})" if found else ", or is not a PyTorch checkpoint at all"
+        raise ZhllamaError(f"{path}: holds code or Python objects that are not weights{what}; zhllama loads only "
+                           "plain tensors and will not run what this file contains") from None
+    except Exception as exc:  # a damaged or foreign file
         text = str(exc).strip().splitlines()
-        raise ZhllamaError(f"{path}: cannot load as a weights-only checkpoint "
-                           f"({text[0] if text else type(exc).__name__})") from None
+        first = text[0].split(". ")[0] if text else type(exc).__name__
+        raise ZhllamaError(f"{path}: damaged or not a PyTorch checkpoint ({first})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ZhllamaError(f"{path}: expected a dict of tensors")
     return state
@@ -175,6 +188,7 @@ def convert_meta(input_dir: str | Path, out: str | Path) -> Path:
         raise ZhllamaError(f"{input_dir} is not a folder")
     params = read_params(input_dir)
     shards = shard_paths(input_dir)
+    check_output_path(out)  # before gigabytes of shards are read
     tokenizer_path = find_tokenizer(input_dir)
     proto = load_proto(tokenizer_path)
     pieces = len(proto.pieces)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zhllama.artifacts import file_sha256, write_provenance
+from zhllama.artifacts import file_sha256, make_dir, write_json_atomic, write_provenance
 from zhllama.config import SftConfig, to_dict
 from zhllama.errors import ZhllamaError
 
@@ -36,6 +36,10 @@ class SftTrainData:
 
     def num_train(self) -> int:
         return len(self.train_rows)
+
+    def sample_tokens(self) -> np.ndarray:
+        """Real tokens of every training row: its conversations, not the padding that widens it in a batch."""
+        return np.array([sum(len(self.train.input_ids[i]) for i in row) for row in self.train_rows], dtype=np.int64)
 
     def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]:
         from zhllama.data.sft_batches import collate
@@ -126,8 +130,8 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
     print(f"SFT data: {summary['train_examples']:,} conversations in {summary['train_rows']:,} rows "
           f"({summary['useful_token_share']:.1%} of the slots are real tokens), {summary['val_examples']:,} "
           f"held out; {summary['rows_skipped']} unreadable rows skipped", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_data.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    make_dir(out)
+    write_json_atomic(out / "sft_data.json", summary)
     base = load_for_training(model_dir, cfg.seq_len, nf4=cfg.trainable == "qlora", rope=cfg.rope,
                              rope_factor=cfg.rope_factor)
     model = prepare_trainable(base, cfg)

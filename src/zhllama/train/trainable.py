@@ -25,6 +25,10 @@ def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if cfg.trainable == "qlora":
+            if not getattr(model, "is_loaded_in_4bit", False):
+                # LoRA on a full-precision base under the name QLoRA would be a silent fp32 run.
+                raise ZhllamaError("trainable qlora needs the base model loaded in 4-bit NF4 "
+                                   "(load_for_training(nf4=True)); use lora for a full-precision base")
             # Norms to fp32 and inputs that require grad, so that gradients reach the adapters of a 4-bit base.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
