@@ -12,10 +12,12 @@ import functools
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -35,6 +37,8 @@ class TrainData(Protocol):
     def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]: ...
 
     def num_train(self) -> int: ...
+
+    def sample_tokens(self) -> np.ndarray: ...  # real (not padding) tokens of each training sample, by index
 
     def val_batches(self, batch_size: int, limit: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]: ...
 
@@ -96,6 +100,18 @@ def sample_ids(step: int, micro: int, rank: int, cfg: TrainConfig, world: int, n
     return out
 
 
+def tokens_seen(steps: int, cfg: TrainConfig, world: int, counts: np.ndarray) -> int:
+    """Real tokens in the first `steps` global batches, the x axis of `eval track`.
+
+    The samples of those steps are the first steps * global-batch entries of the epoch orders (sample_ids): every
+    whole epoch holds each sample once, then comes the start of the next order. Counted from the order, the total
+    needs no state, so a resumed run logs what an uninterrupted one does.
+    """
+    n = len(counts)
+    epochs, rest = divmod(steps * cfg.batch_size * cfg.grad_accum * world, n)
+    return int(epochs * int(counts.sum()) + int(counts[_epoch_order(cfg.seed, epochs, n)[:rest]].sum()))
+
+
 def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = False,
                sparse_logits: bool = True) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy, number of targets, and (for evaluation) correct argmax predictions.
@@ -147,15 +163,39 @@ def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | No
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": correct / count}
 
 
-def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool) -> LoopResult:
+@contextmanager
+def run_accelerator(precision: str, grad_accum: int):
+    """An Accelerator for one run, its process-global state cleared before and after.
+
+    accelerate keeps the precision and accumulation settings in process-wide singletons and refuses a second
+    Accelerator with another precision; a notebook that trains in fp32 and then in bf16 would be stuck. The
+    process group (PartialState) is kept: it belongs to the launcher, not to the run.
+    """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    try:
+        # cpu=True is what makes accelerate set up gloo under torchrun on a machine without a GPU.
+        yield Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                          gradient_accumulation_steps=grad_accum, cpu=not torch.cuda.is_available())
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool) -> LoopResult:
+    precision = resolve_precision(cfg.precision)
+    with run_accelerator(precision, cfg.grad_accum) as accelerator:
+        return _train(accelerator, model, data, cfg, run_dir, resume)
+
+
+def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool) -> LoopResult:
     from accelerate.utils import set_seed
 
-    precision = resolve_precision(cfg.precision)
-    # cpu=True is what makes accelerate set up gloo under torchrun on a machine without a GPU.
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # logged: "auto" depends on the CPU
     set_seed(cfg.seed)
     if data.num_train() == 0:
         raise ZhllamaError("the training data has no complete block or example")
@@ -188,6 +228,7 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
     model.train()
 
     n = data.num_train()
+    sample_tokens = data.sample_tokens()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not main or None, dynamic_ncols=True)
     last_val = None
@@ -218,7 +259,8 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             log.write({"kind": "train", "step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens": done * step_tokens, "tokens_per_s": rate})
+                       "grad_norm": grad_norm, "tokens": tokens_seen(done, cfg, world, sample_tokens),
+                       "tokens_per_s": rate, "precision": precision})
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{rate:,.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
@@ -231,7 +273,9 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
     accelerator.wait_for_everyone()
     if main and (run_dir / "log.jsonl").exists():
         plot_loss(run_dir)
-    return LoopResult(model=accelerator.unwrap_model(model), steps=cfg.max_steps, last_val=last_val)
+    # Without the autocast wrapper: the model handed back computes in the precision its caller asks for.
+    return LoopResult(model=accelerator.unwrap_model(model, keep_fp32_wrapper=False), steps=cfg.max_steps,
+                      last_val=last_val)
 
 
 def _save(accelerator, model, optimizer, scheduler, run_dir: Path, step: int, cfg: TrainConfig) -> None:
