@@ -4,13 +4,24 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-from zhllama.cli import expand_multi_value_options
+from zhllama.cli import expand_multi_value_options, main
 
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "zhllama", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd)
+
+
+def run_in_process(capsys, *args):
+    """`run` without a new interpreter: main() as the console script calls it (an uncaught exception fails the test
+    with its traceback, as a user would see one)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(list(map(str, args)))
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(args, done.value.code, printed.out, printed.err)
 
 
 def assert_one_line_error(result, *words):
@@ -74,6 +85,9 @@ def test_data_clean_and_pack_from_the_command_line(tmp_path, extended_dir):
     result = run("data", "clean", "--input", src, "--out", tmp_path / "clean.jsonl", "--report", tmp_path / "r.json",
                  "--workers", 1)
     assert result.returncode == 0, result.stderr
+    written = len(rows[0]["text"])
+    assert result.stdout == (f"kept 1 of 3 documents ({written} characters) in {tmp_path / 'clean.jsonl'}; "
+                             "dropped: too_short 1, exact_duplicate 1; skipped 1 malformed line\n")
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["documents"]["kept"] == 1
     assert report["documents"]["dropped"]["exact_duplicate"] == 1 and report["documents"]["dropped"]["too_short"] == 1
@@ -82,6 +96,7 @@ def test_data_clean_and_pack_from_the_command_line(tmp_path, extended_dir):
     result = run("data", "pack", "--tokenizer", extended_dir, "--input", tmp_path / "clean.jsonl", "--seq-len", 8,
                  "--out", tmp_path / "packed")
     assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tmp_path / 'packed'}\n"
     meta = json.loads((tmp_path / "packed" / "meta.json").read_text())
     assert meta["splits"]["train"]["documents"] == 1 and meta["seq_len"] == 8
 
@@ -92,3 +107,44 @@ def test_train_with_an_unknown_recipe_field_is_a_one_line_error(tmp_path):
     result = run("train", "pretrain", "--model", tmp_path, "--data", tmp_path, "--out", tmp_path / "run",
                  "--config", recipe)
     assert_one_line_error(result, "unknown config field 'max_stepz'")
+
+
+def test_data_clean_of_a_binary_file_is_an_error_and_writes_nothing(tmp_path):
+    blob = tmp_path / "blob.txt"
+    blob.write_bytes(bytes(range(256)) * 8)  # one line of control characters, then lines that are not UTF-8
+    result = run("data", "clean", "--input", blob, "--out", tmp_path / "clean.jsonl", "--report", tmp_path / "r.json",
+                 "--workers", 1)
+    *warnings, error = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(warnings) == 5  # the first malformed lines are named, then the error
+    assert all(w.startswith(f"warning: skipped {blob}:") and w.endswith("not UTF-8 text (byte 117)") for w in warnings)
+    assert error == f"error: no usable document in {blob} (1 read, all dropped: too_short 1; 8 malformed lines skipped)"
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.txt"]
+
+
+def unwritable_commands(tmp_path, out, src, tiny_zh_model, extended_dir, llama2_gguf):
+    return {
+        "export gguf": ["export", "gguf", "--model", tiny_zh_model, "--out", out],
+        "data clean": ["data", "clean", "--input", src, "--out", out, "--report", tmp_path / "r.json"],
+        "data clean --report": ["data", "clean", "--input", src, "--out", tmp_path / "c.jsonl", "--report", out],
+        "data pack": ["data", "pack", "--tokenizer", extended_dir, "--input", src, "--seq-len", 8, "--out", out],
+        "model init": ["model", "init", "--preset", "tiny", "--tokenizer", extended_dir, "--out", out],
+        "tokenizer from-gguf": ["tokenizer", "from-gguf", llama2_gguf, "--out", out],
+    }
+
+
+@pytest.mark.parametrize("command", ["export gguf", "data clean", "data clean --report", "data pack", "model init",
+                                     "tokenizer from-gguf"])
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(command, tmp_path, capsys, tiny_zh_model,
+                                                                extended_dir, llama2_gguf):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "今天天气很好，我们去公园散步，看到很多人在锻炼身体。"}, ensure_ascii=False)
+                   + "\n", encoding="utf-8")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "sub" / "out"
+    result = run_in_process(capsys, *unwritable_commands(tmp_path, out, src, tiny_zh_model, extended_dir,
+                                                         llama2_gguf)[command])
+    assert_one_line_error(result, f"cannot write {out}: {blocker} is a file, not a folder")
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "in.jsonl"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -107,7 +106,9 @@ def tokenizer_stats(tokenizer_: Inputs = typer.Option(..., "--tokenizer", help="
     rows = tokenizer.stats(tokenizer_, zh=zh, en=en, code=code, names=name or None)
     typer.echo(tokenizer.format_table(rows))
     if json_out:
-        json_out.write_text(json.dumps(tokenizer.stats_as_dicts(rows), ensure_ascii=False, indent=2) + "\n")
+        from zhllama.artifacts import write_json_atomic
+
+        write_json_atomic(json_out, tokenizer.stats_as_dicts(rows))
 
 
 @model_app.command("init")
@@ -141,14 +142,13 @@ def data_clean(input: Inputs = typer.Option(..., "--input", help=".jsonl (`text`
                near_dup_threshold: float = typer.Option(None, "--near-dup-threshold"),
                no_near_dedup: bool = typer.Option(False, "--no-near-dedup")):
     """Normalise, filter (length, CJK share, Gopher repetition rules, symbols) and deduplicate."""
-    from zhllama.data.clean import CleanConfig, clean_files
+    from zhllama.data.clean import CleanConfig, clean_files, summary_line
 
     given = {"workers": workers, "min_chars": min_chars, "min_cjk_share": min_cjk_share,
              "near_dup_threshold": near_dup_threshold}
     cfg = CleanConfig(**{k: v for k, v in given.items() if v is not None})
     cfg.near_dedup = not no_near_dedup
-    summary = clean_files(input, out, report, cfg)
-    typer.echo(json.dumps({k: summary[k] for k in ("documents_in", "kept") if k in summary}, ensure_ascii=False))
+    typer.echo(summary_line(clean_files(input, out, report, cfg)))
 
 
 @data_app.command("pack")
@@ -184,7 +184,8 @@ def train_pretrain(model_dir: Path = typer.Option(..., "--model"), data: Path = 
                    resume: Resume = False, max_steps: MaxSteps = None, batch_size: BatchSize = None,
                    grad_accum: GradAccum = None, lr: Lr = None, seq_len: SeqLen = None, save_every: SaveEvery = None,
                    eval_every: EvalEvery = None, seed: Seed = None, precision: Precision = None,
-                   trainable: str = typer.Option(None, "--trainable", help="all|embeddings|lora"),
+                   trainable: str = typer.Option(None, "--trainable",
+                                                 help="all|embeddings|lora|qlora (QLoRA: CUDA GPU only)"),
                    rope: Rope = None, rope_factor: RopeFactor = None):
     """Continue pretraining on packed data (launch with torchrun or accelerate launch to distribute)."""
     from zhllama.config import TrainConfig, load_config
@@ -318,6 +319,12 @@ def serve(model_dir: Path = typer.Option(..., "--model", help="HF folder, or a .
           max_concurrency: int = typer.Option(16, "--max-concurrency", help="requests decoded together"),
           max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", help="largest max_tokens accepted"),
           max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes"),
+          max_queue: int = typer.Option(64, "--max-queue", help="requests waiting for a slot; beyond it, 429"),
+          queue_timeout: float = typer.Option(60, "--queue-timeout", help="seconds a request may wait; then 503"),
+          allow_origin: list[str] = typer.Option(None, "--allow-origin",
+                                                 help="browser origin, besides the server's own, that may POST"),
+          read_timeout: float = typer.Option(20, "--read-timeout", help="seconds to send headers, and the body"),
+          max_connections: int = typer.Option(256, "--max-connections", help="open connections; beyond, 503"),
           device: Device = "auto", name: str = typer.Option(None, "--name", help="model id in the API"),
           backend: str = typer.Option("hf", "--backend", help="hf (continuous batching) | llamacpp (a GGUF file)"),
           quantize: Quantize = None, rope: Rope = None, rope_factor: RopeFactor = None):
@@ -327,7 +334,9 @@ def serve(model_dir: Path = typer.Option(..., "--model", help="HF folder, or a .
     run_server(ServeConfig(model_dir=model_dir, template=template, host=host, port=port,
                            api_keys=tuple(api_key or ()), max_concurrency=max_concurrency,
                            max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, device=device,
-                           name=name, backend=backend, quantize=quantize, rope=rope, rope_factor=rope_factor))
+                           name=name, backend=backend, quantize=quantize, rope=rope, rope_factor=rope_factor,
+                           max_queue=max_queue, queue_timeout=queue_timeout, allow_origins=tuple(allow_origin or ()),
+                           header_timeout=read_timeout, body_timeout=read_timeout, max_connections=max_connections))
 
 
 @eval_app.command("mc")
@@ -438,4 +447,11 @@ def main(argv: list[str] | None = None) -> None:
         app(args=args, prog_name="zhllama")
     except ZhllamaError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        # Backstop for a file the library did not word an error for (outputs go through zhllama.artifacts,
+        # which does): the path and the reason in one line. An OSError that names no file is a bug: traceback.
+        if exc.filename is None:
+            raise
+        typer.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
         sys.exit(1)

@@ -82,16 +82,12 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     _done(t)
 
     t = _stage("6. Clean the built-in corpus (normalise, filter, exact and near-duplicate removal)")
-    from zhllama.data.clean import CleanConfig, clean_files
+    from zhllama.data.clean import CleanConfig, clean_files, summary_line
 
     cleaned = out / "corpus" / "clean.jsonl"
     report = clean_files([train_file], cleaned, out / "corpus" / "clean_report.json", CleanConfig())
-    docs = report["documents"]
-    dropped = {reason: n for reason, n in docs["dropped"].items() if n}
-    reasons = ", ".join(f"{reason} {n:,}" for reason, n in dropped.items()) or "none"
-    print(f"kept {docs['kept']:,} of {docs['in']:,} documents ({report['docs_per_s']:,.0f} docs/s); "
-          f"dropped: {reasons}")
-    summary["clean"] = {"documents": docs, "characters": report["characters"]}
+    print(f"{summary_line(report)} ({report['docs_per_s']:,.0f} docs/s)")
+    summary["clean"] = {"documents": report["documents"], "characters": report["characters"]}
     _done(t)
 
     t = _stage("7. Pack it into 128-token blocks with the extended tokenizer (5% for validation)")
@@ -254,7 +250,10 @@ def _evaluation(models: dict[str, Path], quick: bool) -> dict:
         model, tok = load_checked(folder, "cpu")
         ppl = perplexity(model, tok, texts, seq_len=256, stride=128, progress=False)
         mc = evaluate(model, tok, "cmmlu", quiz, dev, 5, info, batch_size=16, progress=False)
-        results[name] = {"ppl": ppl.to_dict(), "quiz_accuracy": mc["accuracy"]["micro"]}
+        results[name] = {"ppl": ppl.to_dict(), "quiz_accuracy": mc["accuracy"]["micro"],
+                         "quiz_correct": mc["accuracy"]["correct"], "quiz_questions": mc["accuracy"]["questions"],
+                         "quiz_predicted": {x: sum(r["predicted"] == x for r in mc["results"]) for x in "ABCD"},
+                         "quiz_gold": {x: sum(r["gold"] == x for r in mc["results"]) for x in "ABCD"}}
         rows.append(f"| {name} | {len(tok):,} | {ppl.tokens_per_char:.3f} | {ppl.ppl:,.1f} | {ppl.bits_per_char:.3f} "
                     f"| {mc['accuracy']['micro']:.1%} |")
     print(f"{len(texts)} held-out documents ({sum(map(len, texts)):,} characters); quiz: "

@@ -93,11 +93,36 @@ def test_closing_a_stream_cancels_its_generation(tiny_engine):
     ("max_tokens", 0), ("max_tokens", 10_000), ("max_tokens", "8"), ("temperature", -0.1), ("temperature", 2.5),
     ("top_p", 0.0), ("top_k", -1), ("repetition_penalty", 0.0), ("seed", -1), ("stop", ("",)),
     ("stop", ("a", "b", "c", "d", "e")), ("temperature", float("nan")), ("max_tokens", True),
+    # what the engines cannot hold: top_k beyond int32 stopped the batch for everyone; a 400-digit temperature
+    # made the error message itself raise
+    ("top_k", 2**31), ("top_k", 10**30), ("seed", 2**63), ("temperature", 10**400), ("top_p", float("inf")),
+    ("repetition_penalty", 1e-300),
 ])
 def test_sampling_params_are_checked(tiny_engine, field, value):
     with pytest.raises(BadRequest) as info:
         SamplingParams(**{field: value}).check(tiny_engine.max_tokens_limit)
     assert info.value.param == field
+
+
+def test_a_temperature_too_small_for_float32_is_greedy(tiny_engine):
+    """1e-50 is 0 in the batch's float32 and 1e-40 divides logits into infinities: both must be greedy, not
+    garbage (batch lane) or a failed request (the seeded, exclusive lane)."""
+    ids = tiny_engine.encode_chat(QUESTION, SamplingParams(max_tokens=12))
+    greedy = tiny_engine.generate(ids, SamplingParams(max_tokens=12, temperature=0)).text
+    for temperature in (1e-50, 1e-40, 1e-6):
+        for seed in (None, 3):
+            params = SamplingParams(max_tokens=12, temperature=temperature, seed=seed).check()
+            assert tiny_engine.generate(ids, params).text == greedy, (temperature, seed)
+
+
+def test_integer_sampling_values_work_on_the_exclusive_lane(tiny_engine):
+    """JSON's 2 is an int; HF's warpers refused an int penalty or temperature, and the request failed."""
+    ids = tiny_engine.encode_chat(QUESTION, SamplingParams(max_tokens=8))
+    for values in ({"repetition_penalty": 2, "temperature": 1}, {"temperature": 2, "top_p": 1}):
+        floats = {name: float(value) for name, value in values.items()}
+        a = tiny_engine.generate(ids, SamplingParams(max_tokens=8, seed=1, **values).check())
+        b = tiny_engine.generate(ids, SamplingParams(max_tokens=8, seed=1, **floats).check())
+        assert a.text == b.text and a.completion_tokens == 8
 
 
 def test_too_long_prompt_is_refused_or_truncated_by_turns(tiny_engine):
@@ -113,3 +138,58 @@ def test_too_long_prompt_is_refused_or_truncated_by_turns(tiny_engine):
     text = tiny_engine.tokenizer.decode(ids)
     assert len(ids) <= 1000
     assert "你是助手。" in text and "最后一问" in text and "0:长城" not in text
+
+
+def test_a_request_whose_tokens_cannot_be_handed_over_fails_alone(tiny_engine):
+    """A sink that raises runs in the batch loop: it must fail its own request, not stop the loop."""
+    ids = tiny_engine.encode_chat(QUESTION, SamplingParams(max_tokens=30))
+    calls = []
+
+    def broken_sink(new_ids, finished, error):
+        calls.append((list(new_ids), finished, error))
+        if len(calls) == 1:
+            raise RuntimeError("this client is gone")
+
+    params = SamplingParams(max_tokens=30, temperature=0)
+    expected = tiny_engine.generate(ids, params).text
+    other = {}
+    thread = threading.Thread(target=lambda: other.setdefault("text", tiny_engine.generate(ids, params).text))
+    thread.start()
+    tiny_engine._submit(ids, params, broken_sink)
+    thread.join(timeout=30)
+    deadline = time.time() + 5
+    while (len(calls) < 2 or tiny_engine.busy_requests()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert calls[-1][1] is True and "this client is gone" in calls[-1][2]  # told it failed, once more
+    assert len(calls) == 2 and other["text"] == expected
+    assert tiny_engine.healthy() and tiny_engine.busy_requests() == 0
+    assert tiny_engine.generate(ids, params).text == expected
+
+
+def test_a_request_that_keeps_failing_the_batch_fails_and_the_engine_recovers(tiny_engine, monkeypatch):
+    """A failure inside a batch step stops transformers' loop; the engine restarts it. A request that was in two
+    failures is failed, so it cannot keep the engine down; the next request is served as before."""
+    from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
+
+    ids = tiny_engine.encode_chat(QUESTION, SamplingParams(max_tokens=40))
+    params = SamplingParams(max_tokens=40, temperature=0)
+    expected = tiny_engine.generate(ids, params).text
+    step, steps, restarts = ContinuousBatchProcessor._generation_step, [], tiny_engine.restarts
+
+    def failing_after_two_steps(processor, model):
+        steps.append(1)
+        if len(steps) > 2:
+            raise RuntimeError("injected failure")
+        return step(processor, model)
+
+    monkeypatch.setattr(ContinuousBatchProcessor, "_generation_step", failing_after_two_steps)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        tiny_engine.generate(ids, params)
+    monkeypatch.undo()
+    deadline = time.time() + 10
+    while (tiny_engine.restarts - restarts < 2 or not tiny_engine.manager.is_running()) and time.time() < deadline:
+        time.sleep(0.01)
+    # it had tokens at the first failure, so it went on once; the second failure ended it
+    assert tiny_engine.restarts - restarts == 2
+    assert tiny_engine.healthy() and tiny_engine.busy_requests() == 0
+    assert tiny_engine.generate(ids, params).text == expected

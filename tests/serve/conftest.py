@@ -33,9 +33,9 @@ def start(engine, **settings):
 
 @pytest.fixture(scope="session")
 def live_server(tiny_engine):
-    """The server with an API key required (key: ``live_server.api_key``); max_concurrency 8."""
+    """The server with an API key required (key: ``live_server.api_key``); max_concurrency 8, read timeouts 2 s."""
     live, background = start(tiny_engine, api_keys=(API_KEY,), max_concurrency=8, max_tokens_limit=256,
-                             default_max_tokens=16, max_body_bytes=200_000)
+                             default_max_tokens=16, max_body_bytes=200_000, header_timeout=2.0, body_timeout=2.0)
     yield live
     background.stop()
 

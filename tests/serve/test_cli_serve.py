@@ -75,3 +75,9 @@ def test_wrong_tokenizer_for_the_model_is_refused(tmp_path, tiny_chat_model, lla
 def test_missing_model_folder(tmp_path):
     # chat, serve and generate all load through load_engine
     assert_one_line_error(run("chat", "--model", tmp_path / "nope"), "does not exist")
+
+
+def test_an_empty_api_key_is_refused_at_start(tiny_chat_model):
+    # it would accept "Authorization: Bearer " from anyone; refused before the model loads
+    result = run("serve", "--model", tiny_chat_model, "--port", free_port(), "--api-key", "k1", "--api-key", "")
+    assert_one_line_error(result, "--api-key must not be empty")

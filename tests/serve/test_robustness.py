@@ -1,7 +1,8 @@
 """The server under a seeded storm of good, cancelled and malformed requests: no 5xx, no slot left busy.
 
 Every test runs against the session's ``live_server`` (API key required, max_concurrency 8, max_tokens_limit 256,
-max_body_bytes 200_000) over the random tiny model, which never stops early, so every request runs to max_tokens.
+max_body_bytes 200_000, read timeouts 2 s) over the random tiny model, which never stops early, so every request
+runs to max_tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 BODY_LIMIT = 200_000  # live_server's max_body_bytes
+READ_TIMEOUT = 2.0  # live_server's header and body read timeouts
 PROMPTS = ["你好，请介绍一下北京。", "写一首关于春天的短诗。", "什么是机器学习？", "今天天气怎么样？",
            "请把这句话翻译成英文：我喜欢读书。", "给我讲一个笑话。"]
 
@@ -62,6 +64,7 @@ class Bad:
     auth: str | None = "ok"  # "ok": the right key; None: no header; anything else: that bearer token
     param: str | None = None  # the expected error.param, where the server names one
     chunked: bool = False  # send the raw body without a content-length
+    headers: dict | None = None  # sent over the usual ones
 
 
 def good_chat(model: str, **extra) -> dict:
@@ -91,6 +94,27 @@ BAD_CASES = [
         json={"prompt": "你好", "messages": None, "max_tokens": -1}),
     Bad("completion_empty_prompt", 400, "prompt", path="/v1/completions", param="prompt",
         json={"prompt": "", "messages": None}),
+    # found by a hostile-input run (issue 12): each was a 500, a reset connection or a dead engine
+    Bad("top_k_beyond_int32", 400, "top_k", json={"top_k": 2**31, "temperature": 1.0}, param="top_k"),
+    Bad("top_k_beyond_int64", 400, "top_k", json={"top_k": 2**64, "temperature": 1.0}, param="top_k"),
+    Bad("seed_beyond_int64", 400, "seed", json={"seed": 2**64}, param="seed"),
+    Bad("temperature_400_digits", 400, "temperature", json={"temperature": 10**400}, param="temperature"),
+    Bad("temperature_infinite", 400, "temperature", json={"temperature": float("inf")}, param="temperature"),
+    Bad("lone_surrogate", 400, "surrogate", param="messages",
+        raw=b'{"model": "x", "messages": [{"role": "user", "content": "a\\ud800"}]}'),
+    Bad("lone_surrogate_key", 400, "surrogate", raw=b'{"\\udfff": 1}'),
+    Bad("json_100000_deep", 400, "nested", raw=b"[" * 99_990 + b"]" * 99_990),
+    Bad("json_40_deep", 400, "nested", raw=b'{"messages": ' + b"[" * 40 + b"]" * 40 + b"}", param="messages"),
+    Bad("integer_5000_digits", 400, "number", raw=b'{"max_tokens": ' + b"9" * 5000 + b"}"),
+    Bad("tools", 400, "not supported", json={"tools": [{"type": "function"}]}, param="tools"),
+    Bad("tool_choice", 400, "not supported", json={"tool_choice": "required"}, param="tool_choice"),
+    Bad("response_format", 400, "not supported", json={"response_format": {"type": "json_schema"}},
+        param="response_format"),
+    Bad("text_plain", 415, "Content-Type", headers={"Content-Type": "text/plain"}),
+    Bad("form_post", 415, "Content-Type", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    Bad("foreign_origin", 403, "Origin", headers={"Origin": "http://evil.example"}),
+    Bad("foreign_host", 403, "Host", headers={"Host": "evil.example"}),
+    Bad("user_content_null", 400, "content", json={"messages": [{"role": "user"}]}, param="messages"),
 ]
 
 
@@ -100,6 +124,7 @@ def request_args(live, bad: Bad) -> dict:
         headers.update(live.headers())
     elif bad.auth is not None:
         headers["Authorization"] = f"Bearer {bad.auth}"
+    headers.update(bad.headers or {})
     if bad.raw is not None:
         body = bad.raw
     else:
@@ -138,12 +163,10 @@ def test_disconnect_frees_slot_at_once(live_server):
     with httpx.Client(timeout=30) as client, client.stream("POST", live_server.base_url + "/chat/completions",
                                                           json=body, headers=live_server.headers()) as response:
         assert response.status_code == 200
-        events = 0
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events += 1
-                if events == 2:
-                    break
+        # kept in a name: a generator dropped by `break` is closed at once, and may take the connection with it
+        lines, events = response.iter_lines(), 0
+        while events < 2:
+            events += next(lines).startswith("data: ")
         assert live_server.app.state.metrics.running == 1
     # leaving the block closed the half-read response, and httpx dropped the connection
     took = wait_idle(live_server, timeout=10)
@@ -210,8 +233,32 @@ def check_stream(events: list, kind: str, max_tokens: int, include_usage: bool) 
     return None
 
 
+async def stall(live, rng: random.Random) -> int | None:
+    """A client that stops sending: mid-headers (the server closes, no status) or mid-body (408)."""
+    host, port = live.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    auth = "".join(f"{key}: {value}\r\n" for key, value in live.headers().items())
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
+    mid_headers = rng.random() < 0.5
+    writer.write(head.encode() if mid_headers else (head + "Content-Length: 50\r\n\r\n{").encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=READ_TIMEOUT + 5)
+    writer.close()
+    if mid_headers:
+        assert answer == b"", answer[:100]
+        return None
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    return 408
+
+
 async def one_request(client: httpx.AsyncClient, live, rng: random.Random, kind: str, tally: Tally) -> None:
     model, headers = model_name(live), live.headers()
+    if kind == "stall":
+        status = await stall(live, rng)
+        if status is not None:
+            tally.statuses.append(status)
+        tally.ok(kind)
+        return
     max_tokens = rng.randint(4, 8)
     prompt = rng.choice(PROMPTS)
     temperature = rng.choice([0, 0.7, 1.0])
@@ -274,8 +321,8 @@ async def one_request(client: httpx.AsyncClient, live, rng: random.Random, kind:
 
 async def storm(live, n: int, concurrency: int, seed: int) -> Tally:
     rng = random.Random(seed)
-    kinds = rng.choices(["stream_chat", "chat", "stream_completion", "disconnect", "bad"],
-                        weights=[20, 15, 10, 15, 40], k=n)
+    kinds = rng.choices(["stream_chat", "chat", "stream_completion", "disconnect", "bad", "stall"],
+                        weights=[20, 15, 10, 15, 40, 3], k=n)
     seeds = [rng.randrange(2**32) for _ in range(n)]
     tally, queue = Tally(), asyncio.Queue()
     for item in zip(kinds, seeds, strict=True):
@@ -297,7 +344,7 @@ async def storm(live, n: int, concurrency: int, seed: int) -> Tally:
 
 def test_storm_of_mixed_requests(live_server):
     wait_idle(live_server)
-    before = read_metrics(live_server)
+    before, restarts = read_metrics(live_server), live_server.app.state.engine.restarts
     started = time.perf_counter()
     tally = asyncio.run(storm(live_server, n=500, concurrency=32, seed=20240601))
     elapsed = time.perf_counter() - started
@@ -306,7 +353,7 @@ def test_storm_of_mixed_requests(live_server):
     assert not [s for s in tally.statuses if s >= 500], "5xx answers"
     assert not tally.failures, "\n".join(tally.failures[:20])
     assert sum(tally.by_kind.values()) == 500
-    for kind in ("stream_chat", "chat", "stream_completion", "disconnect"):
+    for kind in ("stream_chat", "chat", "stream_completion", "disconnect", "stall"):
         assert tally.by_kind.get(kind, 0) > 0, kind
     assert sum(v for k, v in tally.by_kind.items() if k.startswith("bad/")) > 0
 
@@ -315,6 +362,7 @@ def test_storm_of_mixed_requests(live_server):
     after = read_metrics(live_server)
     assert after["zhllama_requests_running"] == 0 and after["zhllama_queue_length"] == 0
     assert live_server.app.state.engine.busy_requests() == 0
+    assert live_server.app.state.engine.restarts == restarts  # no failure inside a batch step, even a recovered one
     assert after["zhllama_client_disconnects_total"] > before["zhllama_client_disconnects_total"]
     served = httpx.get(live_server.url + "/metrics", headers=live_server.headers(), timeout=10).text
     assert 'status="5' not in served, [line for line in served.splitlines() if 'status="5' in line]

@@ -10,7 +10,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from zhllama.errors import ZhllamaError
-from zhllama.serve.app import ServeConfig, create_app
+from zhllama.serve.app import ServeConfig, check_config, create_app
+from zhllama.serve.http import uvicorn_options
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -41,6 +42,7 @@ def run_server(config: ServeConfig) -> None:
     """Load the model, then serve until Ctrl-C."""
     import uvicorn
 
+    check_config(config)  # before the model loads: a bad flag should not cost a minute of loading
     if config.host not in LOCAL_HOSTS and not config.api_keys:
         print(f"warning: serving on {config.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
@@ -48,7 +50,7 @@ def run_server(config: ServeConfig) -> None:
     app = create_app(engine, config)
     print(f"zhllama: serving {engine.name} at http://{config.host}:{config.port}/ (API under /v1)", flush=True)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=3)
+        uvicorn.run(app, host=config.host, port=config.port, timeout_graceful_shutdown=3, **_options(config))
     finally:
         engine.close()
 
@@ -77,7 +79,7 @@ def serve_in_thread(engine, config: ServeConfig | None = None) -> BackgroundServ
             sock.bind(("127.0.0.1", 0))
             config.port = sock.getsockname()[1]
     app = create_app(engine, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, **_options(config)))
     thread = threading.Thread(target=server.run, daemon=True, name="zhllama-server")
     thread.start()
     url = f"http://{config.host}:{config.port}"
@@ -89,6 +91,10 @@ def serve_in_thread(engine, config: ServeConfig | None = None) -> BackgroundServ
             time.sleep(0.05)
     server.should_exit = True
     raise RuntimeError(f"the server at {url} did not start")
+
+
+def _options(config: ServeConfig) -> dict:
+    return uvicorn_options(config.header_timeout, config.max_connections)
 
 
 __all__ = ["BackgroundServer", "ServeConfig", "create_app", "run_server", "serve_in_thread"]

@@ -1,8 +1,10 @@
 """The OpenAI-compatible server: routes, auth, limits, slots, streaming and the web page at ``/``.
 
-Every generation holds one of ``max_concurrency`` slots; the engine decodes all slot holders together. A
-streaming client that goes away cancels its task, and the cancellation reaches ``Engine.astream``, which cancels
-the generation and so frees the slot at once. A non-streaming request is watched for the same reason.
+Every generation holds one of ``max_concurrency`` slots (``serve.limits``); the engine decodes all slot holders
+together. A streaming client that goes away cancels its task, and the cancellation reaches ``Engine.astream``,
+which cancels the generation and so frees the slot at once. A non-streaming request, and a request waiting in line
+for a slot, is watched for the same reason. A stream takes its slot before its 200 goes out, so that a full line
+can still be answered with 429 and a long wait with 503. What every request passes first is in ``serve.guards``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from zhllama.errors import ZhllamaError
 from zhllama.infer.engine import Engine
 from zhllama.infer.params import SamplingParams
 from zhllama.serve import protocol
+from zhllama.serve.guards import Guard
+from zhllama.serve.limits import Lease, QueueRefused, Slots
 from zhllama.serve.metrics import Metrics
 
 log = logging.getLogger("zhllama.serve")
@@ -46,42 +51,47 @@ class ServeConfig:
     quantize: str | None = None
     rope: str | None = None
     rope_factor: float | None = None
+    max_queue: int = 64  # requests waiting for a slot; beyond it, 429
+    queue_timeout: float = 60.0  # seconds a request may wait for a slot; then 503
+    allow_origins: tuple[str, ...] = ()  # browser origins, besides the server's own, that may POST
+    header_timeout: float = 20.0  # seconds to send a request's headers (--read-timeout)
+    body_timeout: float = 20.0  # seconds to send a request's body (--read-timeout)
+    max_connections: int = 256  # open connections; a request on one beyond it gets 503
+
+
+def check_config(config: ServeConfig) -> None:
+    """Refuse settings that would make a server unsafe or unable to answer, before any model is loaded."""
+    for key in config.api_keys:
+        if not key.strip():
+            # an empty key would accept "Authorization: Bearer " from anyone
+            raise ZhllamaError("--api-key must not be empty (an empty key lets anyone in); give a real key, or "
+                               "leave --api-key out to serve without one")
+    for flag, value in (("--max-concurrency", config.max_concurrency), ("--queue-timeout", config.queue_timeout),
+                        ("--read-timeout", min(config.header_timeout, config.body_timeout)),
+                        ("--max-connections", config.max_connections), ("--max-body-bytes", config.max_body_bytes)):
+        if not value > 0:
+            raise ZhllamaError(f"{flag} must be above 0, got {value}")
+    if config.max_queue < 0:
+        raise ZhllamaError(f"--max-queue must be at least 0, got {config.max_queue}")
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.body = status, protocol.error_body(message, type_, param, code)
-
-
-class Slots:
-    """At most ``n`` generations at once; the rest wait in line, and the metrics see both numbers."""
-
-    def __init__(self, n: int, metrics: Metrics):
-        self.semaphore, self.metrics = asyncio.Semaphore(n), metrics
-
-    async def __aenter__(self):
-        self.metrics.waiting += 1
-        try:
-            await self.semaphore.acquire()
-        finally:
-            self.metrics.waiting -= 1
-        self.metrics.running += 1
-
-    async def __aexit__(self, *exc):
-        self.metrics.running -= 1
-        self.semaphore.release()
+        self.headers = headers
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    check_config(config)
     app = FastAPI(title="zhllama", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
-    slots = Slots(config.max_concurrency, metrics)
+    slots = Slots(config.max_concurrency, metrics, config.max_queue, config.queue_timeout)
     limit = min(config.max_tokens_limit, engine.max_tokens_limit)
     default_max_tokens = min(config.default_max_tokens, limit)
     app.state.engine, app.state.metrics, app.state.slots = engine, metrics, slots
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(Guard, metrics=metrics, bind_host=config.host, allow_origins=config.allow_origins)
 
     def check_auth(request: Request) -> None:
         if not config.api_keys:
@@ -97,16 +107,31 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
             raise ApiError(413, f"the request body is {declared} bytes; the limit is {config.max_body_bytes}")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > config.max_body_bytes:
-                raise ApiError(413, f"the request body is over the limit of {config.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(config.body_timeout):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > config.max_body_bytes:
+                        raise ApiError(413, f"the request body is over the limit of {config.max_body_bytes} bytes")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s "
+                                f"({len(body)} bytes came)", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            metrics.disconnects += 1
+            raise ApiError(499, "the client closed the connection while sending the body") from None
         return protocol.parse_body(bytes(body))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(QueueRefused)
+    async def _queue_refused(request: Request, exc: QueueRefused):
+        code = "queue_full" if exc.status == 429 else "queue_timeout"
+        return JSONResponse(protocol.error_body(str(exc), "server_busy" if exc.status == 503 else "rate_limit_error",
+                                                code=code),
+                            status_code=exc.status, headers={"Retry-After": str(exc.retry_after or 1)})
 
     @app.exception_handler(ZhllamaError)
     async def _bad_request(request: Request, exc: ZhllamaError):
@@ -118,11 +143,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse(protocol.error_body(str(exc.detail)), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.exception("internal error")
-        return JSONResponse(protocol.error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
 
     @app.get("/", response_class=HTMLResponse)
     async def web_page():
@@ -167,8 +187,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 return protocol.chat_chunk(rid, engine.name, {"content": text} if text else {}, finish)
 
             first = protocol.chat_chunk(rid, engine.name, {"role": "assistant", "content": ""})
+            lease = await watch_disconnect(request, slots.acquire())
             events = stream_events(ids, req, chunk, first, "chat.completion.chunk", rid, started)
-            return _sse_response(events)
+            return _sse_response(events, lease)
         result = await watch_disconnect(request, generate(ids, req.params, started))
         return protocol.chat_response(rid, engine.name, result)
 
@@ -183,14 +204,21 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             def chunk(text, finish=None):
                 return protocol.completion_chunk(rid, engine.name, text, finish)
 
+            lease = await watch_disconnect(request, slots.acquire())
             events = stream_events(ids, req, chunk, None, "text_completion", rid, started)
-            return _sse_response(events)
+            return _sse_response(events, lease)
         result = await watch_disconnect(request, generate(ids, req.params, started))
         return protocol.completion_response(rid, engine.name, result)
 
     async def generate(ids: list[int], params: SamplingParams, started: float):
-        async with slots:
+        lease = await slots.acquire()
+        try:
             result = await engine.agenerate(ids, params)
+        except RuntimeError as exc:  # the generation failed (the engine goes on): this request alone gets a 500
+            log.error("%s", exc)
+            raise ApiError(500, str(exc), "server_error") from None
+        finally:
+            lease.release()
         metrics.prompt_tokens += result.prompt_tokens
         metrics.completion_tokens += result.completion_tokens
         metrics.latency.observe(time.perf_counter() - started)
@@ -199,25 +227,26 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def stream_events(ids, req, chunk, first, obj, rid, started) -> AsyncIterator[bytes]:
         tokens, first_seen = 0, False
         try:
-            async with slots:
-                if first is not None:
-                    yield protocol.sse(first)
-                async for delta in engine.astream(ids, req.params):
-                    tokens = delta.completion_tokens
-                    if not first_seen:
-                        first_seen = True
-                        metrics.time_to_first_token.observe(time.perf_counter() - started)
-                    if delta.error:
-                        yield protocol.sse(protocol.error_body(f"generation failed: {delta.error}", "server_error"))
-                        break
-                    if delta.text:
-                        yield protocol.sse(chunk(delta.text))
-                    if delta.finish_reason:
-                        yield protocol.sse(chunk("", delta.finish_reason))
-                if req.include_usage:
-                    yield protocol.sse(protocol.usage_chunk(rid, engine.name, obj, len(ids), tokens))
-                yield protocol.sse("[DONE]")
-                metrics.latency.observe(time.perf_counter() - started)
+            if first is not None:
+                yield protocol.sse(first)
+            async for delta in engine.astream(ids, req.params):
+                tokens = delta.completion_tokens
+                if not first_seen:
+                    first_seen = True
+                    metrics.time_to_first_token.observe(time.perf_counter() - started)
+                if delta.error:
+                    log.error("generation failed: %s", delta.error)
+                    metrics.server_errors += 1  # after the 200: counted here, as the status cannot say it
+                    yield protocol.sse(protocol.error_body(f"generation failed: {delta.error}", "server_error"))
+                    break
+                if delta.text:
+                    yield protocol.sse(chunk(delta.text))
+                if delta.finish_reason:
+                    yield protocol.sse(chunk("", delta.finish_reason))
+            if req.include_usage:
+                yield protocol.sse(protocol.usage_chunk(rid, engine.name, obj, len(ids), tokens))
+            yield protocol.sse("[DONE]")
+            metrics.latency.observe(time.perf_counter() - started)
         except (asyncio.CancelledError, GeneratorExit):
             metrics.disconnects += 1
             raise
@@ -226,18 +255,23 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             metrics.completion_tokens += tokens
 
     async def watch_disconnect(request: Request, work):
-        """Run ``work``; if the client disconnects first, cancel it, which frees its slot."""
-        task = asyncio.ensure_future(work)
+        """Run ``work``; if the client disconnects first, cancel it, which frees its slot (or its place in line)."""
+        task, handed_over = asyncio.ensure_future(work), False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.2)
                 if done:
+                    handed_over = True
                     return task.result()
                 if await request.is_disconnected():
                     metrics.disconnects += 1
                     raise ApiError(499, "the client closed the connection")
         finally:
-            task.cancel()
+            if not task.done():
+                task.cancel()
+            elif not handed_over and not task.cancelled() and task.exception() is None \
+                    and isinstance(task.result(), Lease):
+                task.result().release()  # a slot that came just as the client left: nobody will use it
 
     return app
 
@@ -247,30 +281,21 @@ def _model_card(engine: Engine) -> dict:
             "context_length": engine.context_length}
 
 
-def _sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
-    # no-cache and no proxy buffering: every token must reach the client as it is made
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _LeasedStream(StreamingResponse):
+    """A stream that gives its slot back when the response ends, however it ends (even before its first byte)."""
 
-
-class _CountRequests:
-    """ASGI middleware counting responses by endpoint and status (it never buffers a stream)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, events: AsyncIterator[bytes], lease: Lease, **kwargs):
+        super().__init__(events, **kwargs)
+        self.lease = lease
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        endpoint = path if path in _KNOWN_PATHS else "other"
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.requests[(endpoint, int(message["status"]))] += 1
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.lease.release()
 
 
-_KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+def _sse_response(events: AsyncIterator[bytes], lease: Lease) -> StreamingResponse:
+    # no-cache and no proxy buffering: every token must reach the client as it is made
+    return _LeasedStream(events, lease, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -34,6 +34,9 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.disconnects = 0
+        self.server_errors = 0  # 5xx answers, and streams that failed after their 200 went out
+        self.queue_full = 0  # refused with 429: the line in front of the slots was full
+        self.queue_timeouts = 0  # refused with 503: waited longer than --queue-timeout
         self.running = 0  # requests holding a generation slot
         self.waiting = 0  # requests queued for a slot
         self.latency = Histogram()
@@ -49,6 +52,12 @@ class Metrics:
                 ("zhllama_completion_tokens_total", "counter", self.completion_tokens, "Tokens generated."),
                 ("zhllama_client_disconnects_total", "counter", self.disconnects,
                  "Generations cancelled because the client went away."),
+                ("zhllama_server_errors_total", "counter", self.server_errors,
+                 "Answers with a 5xx status, and streams that failed after their 200."),
+                ("zhllama_queue_rejected_total", "counter", self.queue_full,
+                 "Requests refused with 429 because the queue was full (--max-queue)."),
+                ("zhllama_queue_timeouts_total", "counter", self.queue_timeouts,
+                 "Requests refused with 503 after waiting --queue-timeout for a slot."),
                 ("zhllama_requests_running", "gauge", self.running, "Requests holding a generation slot."),
                 ("zhllama_queue_length", "gauge", self.waiting, "Requests waiting for a generation slot.")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -15,9 +15,16 @@ from typing import Any
 
 from zhllama.chat import validate_messages
 from zhllama.errors import ZhllamaError
-from zhllama.infer.params import BadRequest, Completion, SamplingParams
+from zhllama.infer.params import BadRequest, Completion, SamplingParams, show_value
 
 ROLES = ("system", "user", "assistant")
+# Newer OpenAI clients send the system prompt as "developer"; for a chat model it is the system message.
+ROLE_ALIASES = {"developer": "system"}
+MAX_DEPTH = 32  # an OpenAI request is a few levels deep; deeper JSON is an attack on the parser, not a request
+# Fields whose meaning we cannot honour yet: refused, so that a client never takes a plain reply for one that
+# followed them. Each maps to the values that ask for nothing (and so are accepted).
+UNSUPPORTED = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+               "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"})}
 
 
 @dataclass
@@ -40,13 +47,58 @@ def parse_body(body: bytes) -> dict:
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")\
             from None
+    except RecursionError:  # json's C parser gives up near Python's recursion limit
+        raise BadRequest(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise BadRequest(f"the request body holds a number too long to read: {str(exc)[:80]}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    _check_values(data)
     return data
+
+
+def _check_values(data: dict) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` and strings that are not Unicode text.
+
+    JSON's ``\\ud800`` escape gives a lone surrogate, which no tokenizer and no UTF-8 encoder takes; it would fail
+    deep inside a generation instead of here, with the field named.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"the request body is nested more than {MAX_DEPTH} levels deep (at {path})",
+                             _top(path))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                _check_text(key, where)
+                stack.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise BadRequest(f"{path} holds a lone surrogate (\\u{ord(bad):04x}), which is not Unicode text; "
+                         "send characters, or pairs of surrogates", _top(path)) from None
+
+
+def _top(path: str) -> str | None:
+    top = path.split(".")[0].split("[")[0]
+    return top or None
 
 
 def parse_chat(data: dict, model_name: str, default_max_tokens: int, max_tokens_limit: int) -> ParsedRequest:
     _check_model(data, model_name)
+    for name, accepted in UNSUPPORTED.items():
+        if name in data and data[name] not in accepted:
+            raise BadRequest(f"{name} is not supported by this server yet; send the request without it", name)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
@@ -55,9 +107,14 @@ def parse_chat(data: dict, model_name: str, default_max_tokens: int, max_tokens_
         if not isinstance(message, dict):
             raise BadRequest(f"messages[{i}] must be an object", "messages")
         role = message.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
-        clean.append({"role": role, "content": _content_text(message.get("content"), i)})
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES + tuple(ROLE_ALIASES))}, "
+                             f"got {show_value(role)}", "messages")
+        content = message.get("content")
+        if content is None and role == "assistant":  # OpenAI's shape for an assistant turn that only called tools
+            content = ""
+        clean.append({"role": role, "content": _content_text(content, i)})
     try:
         clean = validate_messages(clean)
     except ZhllamaError as exc:
@@ -188,6 +245,10 @@ def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_t
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    # A message may quote what the client sent; a lone surrogate in it would fail to encode the error itself.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
