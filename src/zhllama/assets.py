@@ -54,7 +54,8 @@ def _download_sdist(dest: Path) -> Path:
     if found:
         return found[-1]
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+        # Only the project itself as source: ":all:" would also build its build tools (cmake, ninja) from source.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-q", "-d", tmp,
                LLAMA_CPP_SDIST]
         print(f"fetching the Llama-2 vocabulary: {' '.join(cmd[1:])}", file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
