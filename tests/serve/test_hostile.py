@@ -218,6 +218,20 @@ def test_connections_beyond_the_limit_get_503(tiny_engine):
 
 # --- a bounded line ------------------------------------------------------------------------------------------------
 
+def fill_the_line(live, call):
+    """One request holding the only slot and one waiting for it (bounded waits, so a broken server fails the test
+    instead of hanging it)."""
+    threads = []
+    for name, gauge in (("holder", "running"), ("waiter", "waiting")):
+        threads.append(threading.Thread(target=call, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while getattr(live.app.state.metrics, gauge) < 1:
+            assert time.monotonic() < deadline, f"no request {gauge} after 30 s"
+            time.sleep(0.01)
+    return threads
+
+
 def test_a_full_line_gets_429_and_a_long_wait_503(tiny_engine):
     with server(tiny_engine, max_concurrency=1, max_queue=1, queue_timeout=2.0) as live:
         url = live.base_url + "/chat/completions"
@@ -227,14 +241,7 @@ def test_a_full_line_gets_429_and_a_long_wait_503(tiny_engine):
             results[name] = httpx.post(url, json=body(tiny_engine, **extra), timeout=30)
 
         with tiny_engine.manager.pause():  # the batch makes no progress: the slot holder keeps its slot
-            holder = threading.Thread(target=call, args=("holder",))
-            holder.start()
-            while live.app.state.metrics.running < 1:
-                time.sleep(0.01)
-            waiter = threading.Thread(target=call, args=("waiter",))
-            waiter.start()
-            while live.app.state.metrics.waiting < 1:
-                time.sleep(0.01)
+            holder, waiter = fill_the_line(live, call)
             began = time.perf_counter()
             full = httpx.post(url, json=body(tiny_engine), timeout=30)
             refused_after = time.perf_counter() - began
@@ -251,14 +258,7 @@ def test_a_full_line_gets_429_and_a_long_wait_503(tiny_engine):
         assert metric(live, "zhllama_requests_running") == 0 and metric(live, "zhllama_queue_length") == 0
         # a stream is refused before its 200 goes out, so its client sees the status
         with tiny_engine.manager.pause():
-            holder = threading.Thread(target=call, args=("holder",))
-            holder.start()
-            while live.app.state.metrics.running < 1:
-                time.sleep(0.01)
-            waiter = threading.Thread(target=call, args=("waiter",))
-            waiter.start()
-            while live.app.state.metrics.waiting < 1:
-                time.sleep(0.01)
+            holder, waiter = fill_the_line(live, call)
             streamed = httpx.post(url, json=body(tiny_engine, stream=True), timeout=30)
             waiter.join(timeout=10)
         holder.join(timeout=120)
