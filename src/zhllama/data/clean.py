@@ -287,6 +287,11 @@ class _Tally:
             self.characters["dropped"][reason] += size
 
 
+def _dropped(docs: dict) -> str:
+    """Documents dropped, by reason: "too_short 3, exact_duplicate 1"."""
+    return ", ".join(f"{reason} {n:,}" for reason, n in docs["dropped"].items() if n)
+
+
 def _check_usable(tally: _Tally, paths: list[Path]) -> None:
     """No document left is an error, not an empty output: the input was empty, binary, or all of it was dropped."""
     docs, skipped = tally.documents, tally.malformed["count"]
@@ -295,17 +300,15 @@ def _check_usable(tally: _Tally, paths: list[Path]) -> None:
     if docs["in"] == 0:
         raise ZhllamaError(f"no documents in {names}" + (f" ({malformed})" if malformed else ""))
     if docs["kept"] == 0:
-        reasons = ", ".join(f"{reason} {n:,}" for reason, n in docs["dropped"].items() if n)
-        raise ZhllamaError(f"no usable document in {names} ({docs['in']:,} read, all dropped: {reasons}"
+        raise ZhllamaError(f"no usable document in {names} ({docs['in']:,} read, all dropped: {_dropped(docs)}"
                            + (f"; {malformed}" if malformed else "") + ")")
 
 
 def summary_line(report: dict) -> str:
     """What `zhllama data clean` prints: documents kept and dropped by reason, malformed lines skipped."""
     docs, bad = report["documents"], report["malformed"]["count"]
-    dropped = ", ".join(f"{reason} {n:,}" for reason, n in docs["dropped"].items() if n) or "none"
     line = (f"kept {docs['kept']:,} of {docs['in']:,} documents ({report['characters']['written']:,} characters) "
-            f"in {report['output']}; dropped: {dropped}")
+            f"in {report['output']}; dropped: {_dropped(docs) or 'none'}")
     return line + (f"; skipped {bad:,} malformed line{'s' if bad != 1 else ''}" if bad else "")
 
 

@@ -55,8 +55,8 @@ class SftTrainData:
 
     def useful_share(self) -> float:
         """Share of the row slots that hold real tokens (the rest is padding), over the training rows."""
-        width = max((sum(len(self.train.input_ids[i]) for i in row) for row in self.train_rows), default=0)
-        return float(self.train.lengths().sum()) / max(1, width * len(self.train_rows))
+        counts = self.sample_tokens()
+        return float(counts.sum()) / max(1, int(counts.max(initial=0)) * len(counts))
 
 
 def check_model_vocab(model_dir: Path, tokenizer) -> None:
