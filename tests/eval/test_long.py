@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from zhllama.errors import ZhllamaError
 from zhllama.eval.long import (
     KEY_SENTENCE,
-    long_context_report,
     load_scaled,
+    long_context_report,
     parse_lengths,
     passkey_accuracy,
     passkey_prompt,
@@ -171,7 +171,7 @@ def test_linear_rope_changes_long_logits_but_not_position_zero(tiny_zh_model, ti
 def test_cli_writes_the_json(tmp_path, tiny_zh_model):
     out = tmp_path / "long.json"
     result = subprocess.run([sys.executable, "-m", "zhllama", "eval", "long", "--model", str(tiny_zh_model),
-                             "--lengths", "64", "--rope", "linear", "--factor", "2", "--out", str(out),
+                             "--lengths", "64", "--rope", "linear", "--rope-factor", "2", "--out", str(out),
                              "--device", "cpu"], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text(encoding="utf-8"))

@@ -195,7 +195,7 @@ def test_rope_linear_survives_save_load_export(tmp_path, tiny_zh_model):
     folder = Path(shutil.copytree(tiny_zh_model, tmp_path / "rope"))
     config = AutoConfig.from_pretrained(folder)
     config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    config.max_position_embeddings = 4096  # as `--rope linear --factor 2` sets it
+    config.max_position_embeddings = 4096  # as `--rope linear --rope-factor 2` sets it
     config.save_pretrained(folder)
     assert AutoConfig.from_pretrained(folder).rope_parameters["rope_type"] == "linear"
     path = export_gguf(folder, tmp_path / "rope.gguf", "f16")

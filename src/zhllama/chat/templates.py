@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zhllama.errors import ZhllamaError
+from zhllama.scoring import IGNORE as IGNORE_INDEX  # noqa: F401  (re-exported: the label of a non-target token)
 
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
 
 Turn = tuple[str, "str | None"]
 Segments = list[tuple[str, bool]]

@@ -150,13 +150,7 @@ def collate(examples: SftExamples, groups: list[list[int]], pad_id: int,
 def padded_batch(examples: SftExamples, indices: list[int], pad_id: int,
                  pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """The seeds' way, kept as the benchmark's baseline: one example per row, right-padded, with attention_mask."""
-    width = max(len(examples.input_ids[i]) for i in indices) if pad_to is None else pad_to
-    ids = np.full((len(indices), width), pad_id, dtype=np.int64)
-    labels = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((len(indices), width), dtype=np.int64)
-    for r, i in enumerate(indices):
-        n = len(examples.input_ids[i])
-        ids[r, :n], labels[r, :n], mask[r, :n] = examples.input_ids[i], examples.labels[i], 1
-    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(mask)}
+    from zhllama.scoring import right_pad
 
+    return right_pad([examples.input_ids[i] for i in indices], pad_id, [examples.labels[i] for i in indices],
+                     width=pad_to)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from zhllama.chat import IGNORE_INDEX, get_template, tokenize_conversation
+from zhllama.chat import get_template, tokenize_conversation
+from zhllama.scoring import pad_id, right_pad, token_nll
 
 
 @torch.no_grad()
@@ -23,30 +23,17 @@ def score_choices(model, tokenizer, template, prompts: list[list[dict]], choices
 
     A prompt is a conversation that ends with a user message.
     """
-    from zhllama.data.sft_batches import SftExamples, padded_batch
-
     template = get_template(template)
-    items = SftExamples()
-    for messages in prompts:
-        for choice in choices:
-            enc = tokenize_conversation(tokenizer, template, [*messages, {"role": "assistant", "content": choice}])
-            items.input_ids.append(enc["input_ids"])
-            items.labels.append(enc["labels"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    items = [tokenize_conversation(tokenizer, template, [*messages, {"role": "assistant", "content": choice}])
+             for messages in prompts for choice in choices]
+    pad, device = pad_id(tokenizer), next(model.parameters()).device
     scores = []
     model.eval()
     for start in tqdm(range(0, len(items), batch_size), desc="scoring", disable=not progress or None, leave=False):
-        batch = padded_batch(items, list(range(start, min(start + batch_size, len(items)))), pad)
-        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
-        keep = targets != IGNORE_INDEX
-        # Only the reply positions are projected onto the vocabulary; logits come back flattened.
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep,
-                       use_cache=False).logits.float()
-        logp = -F.cross_entropy(logits, targets[keep], reduction="none")
-        rows = keep.nonzero()[:, 0]
-        scores.extend(torch.zeros(len(ids), device=device).index_add_(0, rows, logp).tolist())
+        batch = items[start:start + batch_size]
+        inputs = right_pad([e["input_ids"] for e in batch], pad, [e["labels"] for e in batch], device=device)
+        # Only the reply positions are projected onto the vocabulary.
+        scores.extend((-token_nll(model, inputs, per="row").nats).tolist())
     return np.array(scores).reshape(len(prompts), len(choices))
 
 

@@ -9,7 +9,7 @@ against random distractor keys (rank 1 = the true key is the most likely).
 Perplexity against length: windows of each length cut from the built-in held-out text, the mean NLL over the whole
 window and over its last quarter (the tokens that see the most context: where a too-short RoPE shows first).
 
-RoPE scaling (``--rope linear|dynamic|yarn|llama3 --factor F``) is set before the weights load by
+RoPE scaling (``--rope linear|dynamic|yarn|llama3 --rope-factor F``) is set before the weights load by
 zhllama.model.rope (see there): linear, YaRN and llama3 stretch positions, so ``max_position_embeddings`` grows by
 the factor; dynamic NTK keeps it, because it measures how far a sequence has gone past it to decide how much to
 scale. Lengths past the context (trained, or scaled with --rope) still run, since showing the degradation is the
@@ -32,7 +32,8 @@ from tqdm import tqdm
 from zhllama.artifacts import write_json_atomic
 from zhllama.errors import ZhllamaError
 from zhllama.model.loading import load_checked
-from zhllama.model.rope import scale_rope as _scale_rope
+from zhllama.model.rope import scale_rope
+from zhllama.scoring import token_nll
 
 FILLER = ("草是绿的。", "天空是蓝的。", "太阳是黄的。", "这里是家，那里是远方。")
 KEY_SENTENCE = "通行密码是 {key}。记住它。{key} 是通行密码。"
@@ -57,11 +58,6 @@ def parse_lengths(text: str) -> list[int]:
 
 
 # --- RoPE scaling ------------------------------------------------------------------------------------------
-
-def scale_rope(config, rope: str | None, factor: float | None):
-    """zhllama.model.rope.scale_rope, with errors naming this command's ``--factor`` flag."""
-    return _scale_rope(config, rope, factor, factor_flag="--factor")
-
 
 def load_scaled(model_dir: str | Path, rope: str | None = None, factor: float | None = None,
                 device: str = "auto"):
@@ -215,12 +211,9 @@ def heldout_ids(tokenizer, tokens: int) -> list[int]:
 @torch.no_grad()
 def window_nll(model, ids: list[int]) -> tuple[float, float]:
     """(mean NLL of every predicted token, mean NLL of the last quarter) of one window."""
-    device = next(model.parameters()).device
-    tokens = torch.tensor([ids], device=device)
-    logits = model(input_ids=tokens, use_cache=False).logits[0, :-1]
-    targets = tokens[0, 1:]
-    nll = torch.cat([F.cross_entropy(logits[i:i + 1024].float(), targets[i:i + 1024], reduction="none")
-                     for i in range(0, len(targets), 1024)])
+    tokens = torch.tensor([ids], device=next(model.parameters()).device)
+    # Every token but the first is a target: all positions go through the vocabulary projection (sparse=0).
+    nll = token_nll(model, {"input_ids": tokens, "labels": tokens}, per="token", sparse=0.0).nats
     tail = nll[-max(1, len(nll) // 4):]
     return nll.mean().item(), tail.mean().item()
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from zhllama.chat.control import encode_plain
 from zhllama.errors import ZhllamaError
 from zhllama.eval.mc_data import LETTERS, Question, SubjectInfo, check_task, read_benchmark
+from zhllama.scoring import kept_logprobs, pad_id, right_pad
 
 HEADERS = {"ceval": "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n",
            "cmmlu": "以下是关于{}的单项选择题，请直接给出正确答案的选项。\n\n"}
@@ -137,22 +138,15 @@ def score_encoded(model, encoded: Encoded, n_prompts: int, batch_size: int = 8, 
     with tqdm(total=len(order), desc="mc", unit="seq", disable=not progress or None, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             batch = [encoded.sequences[k] for k in order[start:start + batch_size]]
-            width = len(batch[0].ids)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            keep = torch.zeros((len(batch), width), dtype=torch.bool)
+            # Right padding leaves every real token at its unpadded position, so position ids need no care.
+            inputs = right_pad([seq.ids for seq in batch], pad_id, device=device)
+            keep = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
             for row, seq in enumerate(batch):
-                ids[row, :len(seq.ids)] = torch.tensor(seq.ids)
-                mask[row, :len(seq.ids)] = 1
                 for pairs in seq.targets.values():
                     for pos, _ in pairs:
                         keep[row, pos] = True
-            # Right padding leaves every real token at its unpadded position, so position ids need no care.
-            # Only the scored positions are projected onto the vocabulary; the logits come back flattened in
-            # (row, position) order.
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           logits_to_keep=keep.to(device), use_cache=False).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            # Only the scored positions are projected onto the vocabulary; they come back in (row, position) order.
+            logp = kept_logprobs(model, inputs, keep.to(device)).cpu()
             flat = {(int(r), int(p)): n for n, (r, p) in enumerate(keep.nonzero().tolist())}
             for row, seq in enumerate(batch):
                 for j, pairs in seq.targets.items():
@@ -166,10 +160,7 @@ def model_max_len(model) -> int | None:
 
 
 def pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
+    return pad_id(tokenizer)
 
 
 def score_questions(model, tokenizer, prompts: list[str], batch_size: int = 8, progress: bool = True) -> np.ndarray:

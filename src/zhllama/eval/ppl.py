@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from zhllama.artifacts import write_json_atomic
 from zhllama.data.readers import ReadReport, input_paths, iter_texts
 from zhllama.errors import ZhllamaError
+from zhllama.scoring import IGNORE, bits_per_char, count_chars, pad_id, right_pad, token_nll
 
-IGNORE = -100
 MAX_DEFAULT_SEQ_LEN = 2048
 
 
@@ -54,7 +53,7 @@ class PplResult:
 
     @property
     def bits_per_char(self) -> float:
-        return self.nll_sum / math.log(2) / self.chars if self.chars else float("nan")
+        return bits_per_char(self.nll_sum, self.chars)
 
     @property
     def tokens_per_char(self) -> float:
@@ -118,31 +117,18 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int, stride: int, ba
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
     work.sort(key=lambda w: -len(w[0]))
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     model.eval()
     nll_sum, scored = 0.0, 0
     for start in tqdm(range(0, len(work), batch_size), desc=desc, disable=not progress or None, leave=False,
                       dynamic_ncols=True):
         batch = work[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        # Right padding: causal attention keeps the padding out of every real position's context.
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, first) in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            labels[row, first:len(ids)] = torch.tensor(ids[first:])
-            attention[row, :len(ids)] = 1
-        # Position t predicts token t + 1; only predicting positions go through the vocabulary projection.
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(device)
-        keep = targets != IGNORE
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep,
-                       use_cache=False).logits
-        # fp32 log-softmax: in bf16 the NLL of a confident prediction loses most of its digits.
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[keep], reduction="sum")
-        nll_sum += float(loss)
-        scored += int(keep.sum())
-    return PplResult(nll_sum=nll_sum, tokens=scored, chars=sum(len(t) for t in texts), docs=len(texts))
+        # The window's tokens before its first target are context only.
+        labels = [[IGNORE] * first + ids[first:] for ids, first in batch]
+        nll = token_nll(model, right_pad([ids for ids, _ in batch], pad, labels, device=device))
+        nll_sum += float(nll.nats)
+        scored += nll.count
+    return PplResult(nll_sum=nll_sum, tokens=scored, chars=sum(count_chars(t) for t in texts), docs=len(texts))
 
 
 class _StrictReport(ReadReport):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-import torch.nn.functional as F
 
 from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
 from zhllama.errors import ZhllamaError
 from zhllama.model.init import first_line, load_tokenizer, require_hf_folder
+from zhllama.scoring import count_chars, pad_id, right_pad, token_nll
 from zhllama.tokenizer.hf import copy_hf_tokenizer
 from zhllama.tokenizer.spm import NORMAL, USER_DEFINED, ModelProto, load_proto
 
@@ -146,28 +146,30 @@ def text_nll(model_dir: str | Path, texts: list[str], max_tokens: int = 512,
              batch_size: int = 8) -> dict[str, float]:
     """Total next-token cross-entropy (nats) over `texts`, with the tokens and characters it covers.
 
-    Each text starts with BOS and is cut to `max_tokens` tokens. Characters are counted up to the end of the
-    last scored token, so nats per character compares models with different tokenizers fairly.
+    Each text starts with BOS (context, not a target) and is cut to `max_tokens` tokens. The characters are those
+    of the text scored (zhllama.scoring.count_chars, as `eval ppl` counts them): all of it, or for a text cut at
+    `max_tokens`, up to the end of its last token kept. So nats per character compares models with different
+    tokenizers fairly.
     """
     if max_tokens < 2:
         raise ZhllamaError(f"max_tokens must be at least 2, got {max_tokens}")
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     model.eval()
-    enc = tok(list(texts), truncation=True, max_length=max_tokens, return_offsets_mapping=True)
-    seqs = [ids for ids in enc["input_ids"] if len(ids) >= 2]
-    pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    chars = sum(max(end for _, end in offsets) for ids, offsets in pairs if len(ids) >= 2)
-    nats = 0.0
+    texts = list(texts)
+    enc = tok(texts, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
+    seqs, chars = [], 0
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        if len(ids) < 2:
+            continue  # no token to predict
+        seqs.append(ids)
+        cut = len(ids) == max_tokens and len(tok(text)["input_ids"]) > max_tokens
+        chars += count_chars(text[:max(end for _, end in offsets)] if cut else text)
+    nats, tokens = 0.0, 0
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
-        width = max(map(len, batch))
-        # Padding goes on the right, where causal attention keeps it from reaching any real token; its
-        # labels are -100, so it adds nothing to the loss.
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
-        labels = torch.tensor([s[1:] + [-100] * (width - len(s)) for s in batch])
-        logits = model(ids).logits[:, :-1].float()
-        nats += F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum").item()
-    return {"nats": nats, "tokens": sum(len(s) - 1 for s in seqs), "chars": chars}
+        nll = token_nll(model, right_pad(batch, pad_id(tok), labels=batch))
+        nats, tokens = nats + nll.nats.item(), tokens + nll.count
+    return {"nats": nats, "tokens": tokens, "chars": chars}
 
 
 def initial_loss(model_dir: str | Path, texts: list[str], max_tokens: int = 512, per: str = "token") -> float:

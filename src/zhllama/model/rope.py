@@ -24,19 +24,16 @@ LLAMA3_LOW_FREQ_FACTOR = 1.0
 LLAMA3_HIGH_FREQ_FACTOR = 4.0
 
 
-def scale_rope(config, rope: str | None, factor: float | None, factor_flag: str = "--rope-factor"):
-    """``config`` with RoPE scaling set the transformers 5 way (in place, and returned); no rope is a no-op.
-
-    ``factor_flag`` only names the flag in error messages (``eval long`` calls it ``--factor``).
-    """
+def scale_rope(config, rope: str | None, factor: float | None):
+    """``config`` with RoPE scaling set the transformers 5 way (in place, and returned); no rope is a no-op."""
     if rope is None and factor is None:
         return config
     if rope is None or factor is None:
-        raise ZhllamaError(f"--rope and {factor_flag} go together (e.g. --rope linear {factor_flag} 2)")
+        raise ZhllamaError("--rope and --rope-factor go together (e.g. --rope linear --rope-factor 2)")
     if rope not in ROPE_TYPES:
         raise ZhllamaError(f"--rope must be one of {', '.join(ROPE_TYPES)}, got {rope!r}")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
-        raise ZhllamaError(f"a RoPE factor of 1 or less does not extend the context: {factor_flag} must be "
+        raise ZhllamaError(f"a RoPE factor of 1 or less does not extend the context: --rope-factor must be "
                            f"greater than 1, got {factor}")
     current = dict(getattr(config, "rope_parameters", None) or {})
     if current.get("rope_type", "default") != "default":
