@@ -14,7 +14,9 @@ def test_unknown_quant_type_names_the_valid_ones(tiny_zh_model, tmp_path):
 def test_gguf_where_a_folder_is_expected_and_the_other_way_round(tiny_chat_model, tmp_path):
     gguf = tmp_path / "m.gguf"
     assert run("export", "gguf", "--model", tiny_chat_model, "--out", gguf, "--type", "f16").returncode == 0
-    assert_one_line_error(run("generate", "--model", gguf, "--prompt", "你好"), "is a GGUF file")
+    text = tmp_path / "d.txt"
+    text.write_text("你好", encoding="utf-8")
+    assert_one_line_error(run("eval", "ppl", "--model", gguf, "--data", text), "is a GGUF file")
     assert_one_line_error(run("serve", "--backend", "llamacpp", "--model", tiny_chat_model), "HF folder")
 
 

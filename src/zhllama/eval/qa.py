@@ -7,7 +7,9 @@ Inputs, told apart by their shape (anything else is an "unknown layout" error):
 * the BELLE eval set: JSONL of ``{"question", "class", "std_answer"}`` (ids are the 0-based row numbers).
 
 Answers are greedy (temperature 0), so a report is reproducible and two models differ by their weights, not by
-luck. The questions go to the engine from a pool of threads, so its continuous batching decodes them together.
+luck. A model is an HF folder or a GGUF file: ``zhllama.infer.load_engine`` chooses the engine, and every answer
+goes through it and its prompt rule. The questions go to the engine from a pool of threads, so HF's continuous
+batching decodes them together (llama.cpp answers them in turn).
 
 The optional judge is any OpenAI-compatible endpoint (``POST {judge_url}/chat/completions``, temperature 0). It
 gets ``JUDGE_RUBRIC`` as the system message and the question, the answer (and BELLE's reference answer when
@@ -305,7 +307,8 @@ def run_qa(model_dirs: list[Path], questions: Path, out: Path, template: str | N
            judge_url: str | None = None, judge_model: str | None = None, judge_api_key: str | None = None,
            max_tokens: int = 512, limit: int | None = None, device: str = "auto", progress: bool = True,
            **load_options) -> dict:
-    """Answer (and optionally judge) the question file with every model; write answers, report and summary."""
+    """Answer (and optionally judge) the question file with every model (HF folders or GGUF files; ``load_options``
+    go to ``zhllama.infer.load_engine``); write answers, report and summary."""
     from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
     from zhllama.eval.qa_report import render_report
 

@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from zhllama.artifacts import read_provenance, write_json_atomic, write_text_atomic
+from zhllama.artifacts import PROVENANCE, atomic_file, read_provenance, write_json_atomic, write_text_atomic
 from zhllama.errors import ZhllamaError
 from zhllama.eval.ppl import perplexity, read_documents, resolve_window
-from zhllama.train.checkpoint import STATE, list_checkpoints
+from zhllama.runs import STATE, list_checkpoints
 
 DEFAULT_PROMPTS = ("中国的首都是", "请介绍一下长城。", "《三国演义》的作者是", "今天天气很好，我们", "人工智能是")
 HELDOUT_DOCS, HELDOUT_CHARS = 100, 50_000  # a fixed slice of the built-in held-out set: fast, and the same every run
@@ -55,9 +54,9 @@ def model_source(run_dir: Path) -> Path:
         return run_dir / "final"
     started_from = read_provenance(run_dir).get("args", {}).get("model")
     if not started_from:
-        raise ZhllamaError(f"{run_dir} has no final/ model and its zhllama.json names no starting model")
+        raise ZhllamaError(f"{run_dir} has no final/ model and its {PROVENANCE} names no starting model")
     if not Path(started_from).is_dir():
-        raise ZhllamaError(f"{run_dir}/zhllama.json: the run's starting model {started_from} no longer exists")
+        raise ZhllamaError(f"{run_dir / PROVENANCE}: the run's starting model {started_from} no longer exists")
     return Path(started_from)
 
 
@@ -77,7 +76,7 @@ def run_points(run_dir: Path, every: int) -> list[Point]:
 
 
 def final_step(run_dir: Path) -> int:
-    from zhllama.train.logs import read_log
+    from zhllama.runs import read_log
 
     config = read_provenance(run_dir).get("args", {}).get("config", {})
     steps = [r["step"] for r in read_log(run_dir)] + [int(p.name.split("-")[1]) for p in list_checkpoints(run_dir)]
@@ -86,7 +85,7 @@ def final_step(run_dir: Path) -> int:
 
 def training_tokens(run_dir: Path, step: int) -> int | None:
     """Tokens seen by `step`: the log's count at that step, else the log's tokens per step times the step."""
-    from zhllama.train.logs import read_log
+    from zhllama.runs import read_log
 
     train = [r for r in read_log(run_dir) if r.get("kind") == "train" and "tokens" in r]
     for record in train:
@@ -135,27 +134,33 @@ def load_weights(model, files: list[Path], name: str) -> None:
         model.load_state_dict(state, strict=False)
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy continuations, one prompt at a time (no padding, so each is what the prompt alone gives).
+    """Greedy answers from an HF engine over the loaded model, one prompt at a time (each is what the prompt alone
+    gives, whatever else ran), so the same weights always give the same answers.
 
-    The raw prompt is continued unless the tokenizer carries a chat template (an SFT run), which is then used.
+    The prompt rule of chat, generate and serve: a tokenizer with a chat template (an SFT run) gets the prompt as
+    a user message (text, the template the only markup); without one (a pretraining run) the raw prompt is
+    continued, encoded as plain text (a ``</s>`` in it is text, not EOS) and stopped as ``zhllama generate --raw
+    --template atom`` stops. The engine is closed before this returns: the model is scored again right after.
     """
     from zhllama.chat.control import encode_plain
-    from zhllama.infer.prompt import prompt_builder
+    from zhllama.infer import HFEngine, SamplingParams
 
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    for prompt in prompts:
-        if tokenizer.chat_template:  # the prompt rule of chat/serve: the question is text, the template is markup
-            ids = prompt_builder(tokenizer).encode([{"role": "user", "content": prompt}])
-        else:
-            ids = encode_plain(tokenizer, [prompt], add_special_tokens=True)[0]
-        ids = torch.tensor([ids], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-        answers.append(tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True))
+    chat = bool(tokenizer.chat_template)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+    # A template name only for the raw path, where it sets no markup, only the stop string (and no warning).
+    with HFEngine(model, tokenizer, None if chat else "atom", name="track", max_concurrency=1) as engine:
+        params.check(engine.max_tokens_limit)
+        answers = []
+        for n, prompt in enumerate(prompts, 1):
+            try:
+                if chat:
+                    ids = engine.encode_chat([{"role": "user", "content": prompt}], params)
+                else:
+                    ids = engine.check_prompt(encode_plain(tokenizer, [prompt], add_special_tokens=True)[0], params)
+            except ZhllamaError as exc:
+                raise ZhllamaError(f"prompt {n}: {exc}") from None
+            answers.append(engine.generate(ids, params).text)
     return answers
 
 
@@ -223,10 +228,11 @@ def plot_curves(scores: list[dict], out: Path) -> list[str]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = out / f".{filename}.partial.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        tmp.replace(out / filename)
+        try:
+            with atomic_file(out / filename) as tmp:
+                fig.savefig(tmp, dpi=90, format="png")
+        finally:
+            plt.close(fig)
         written.append(filename)
     return written
 

@@ -23,8 +23,10 @@ COMMANDS = "/reset (forget the conversation), /system TEXT (new system prompt), 
 class ChatSession:
     """The conversation state and the commands; ``run_chat`` only adds the input loop around it."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None, out: TextIO = sys.stdout):
-        self.engine, self.params, self.out = engine, params, out
+    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None,
+                 out: TextIO | None = None):
+        self.engine, self.params = engine, params
+        self.out = out if out is not None else sys.stdout  # read now, not at import: stdout may be redirected
         self.system = system or None
         self.history: list[dict[str, str]] = []  # user/assistant alternating, never the system message
 
@@ -102,8 +104,10 @@ class ChatSession:
 
 
 def run_chat(engine: Engine, params: SamplingParams, system: str | None = None,
-             input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
-    """Read lines until /exit, EOF or Ctrl-C at the prompt, answering each one as it streams."""
+             input_fn: Callable[[str], str] = input, out: TextIO | None = None) -> None:
+    """Read lines until /exit, EOF or Ctrl-C at the prompt, answering each one as it streams (to ``out``, by
+    default the current ``sys.stdout``)."""
+    out = out if out is not None else sys.stdout
     if input_fn is input and sys.stdin.isatty():
         # readline makes input() edit lines (arrow keys, backspace over Chinese characters); Windows has none.
         with contextlib.suppress(ImportError):

@@ -42,6 +42,12 @@ class Engine(ABC):
         """False once the backend can no longer generate (the server's /health answers 503)."""
         return True
 
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     # --- prompts -------------------------------------------------------------------------------------------
 
     def encode_chat(self, messages: Any, params: SamplingParams, truncate: bool = False) -> list[int]:
@@ -51,7 +57,10 @@ class Engine(ABC):
 
     def encode_text(self, text: str, params: SamplingParams) -> list[int]:
         """Prompt ids for a raw completion prompt (BOS added as the tokenizer's config says)."""
-        ids = self.tokenizer(text)["input_ids"]
+        return self.check_prompt(self.tokenizer(text)["input_ids"], params)
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """``ids``, if they fit the context left after ``max_tokens``; a ``BadRequest`` naming the lengths if not."""
         if len(ids) > self._room(params):
             raise BadRequest(f"the prompt is {len(ids)} tokens; at most {self._room(params)} fit the model's "
                              f"context ({self.context_length}) with max_tokens={params.max_tokens}", "prompt")

@@ -32,6 +32,7 @@ from zhllama.infer.cb_sampling import NO_TOP_K, install_fast_sampling
 from zhllama.infer.engine import Engine, Sink
 from zhllama.infer.params import SamplingParams
 from zhllama.infer.prompt import end_of_turn_ids, prompt_builder
+from zhllama.scoring import pad_id
 
 log = logging.getLogger("zhllama.infer")
 
@@ -62,7 +63,7 @@ class HFEngine(Engine):
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_tokens_limit = min(max_tokens_limit, self.context_length - 1)
         self.eos_ids = end_of_turn_ids(tokenizer, self.prompt.stop)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.pad_id = pad_id(tokenizer, default=self.eos_ids[0])
         self._exclusive = threading.Lock()
         self._ids = itertools.count()
 
@@ -304,11 +305,13 @@ def _cache_size(model, context_length: int, max_concurrency: int, page_size: int
             "max_batch_tokens": max(512, max_concurrency * 8)}
 
 
-def load_engine(model_dir: str | Path, template: str | None = None, device: str = "auto",
-                name: str | None = None, max_tokens_limit: int = 4096, max_concurrency: int = 16,
-                quantize: str | None = None, rope: str | None = None, rope_factor: float | None = None) -> HFEngine:
+def load_hf_engine(model_dir: str | Path, template: str | None = None, device: str = "auto",
+                   name: str | None = None, max_tokens_limit: int = 4096, max_concurrency: int = 16,
+                   quantize: str | None = None, rope: str | None = None,
+                   rope_factor: float | None = None) -> HFEngine:
     """The HF engine for a model folder: its tokenizer checked against the model, on ``device``, optionally
-    quantised (int8/int4) and with RoPE scaling."""
+    quantised (int8/int4) and with RoPE scaling. ``zhllama.infer.load_engine`` chooses between this and llama.cpp;
+    an already loaded model becomes an engine with ``HFEngine(model, tokenizer, ...)``."""
     from zhllama.model.loading import load_checked
 
     model, tokenizer = load_checked(model_dir, device, quantize=quantize, rope=rope, rope_factor=rope_factor)

@@ -204,7 +204,7 @@ def _import_llama_cpp():
     try:
         import llama_cpp
     except ImportError as exc:
-        raise ZhllamaError(f"--backend llamacpp needs llama-cpp-python ({exc}); install it with "
+        raise ZhllamaError(f"a GGUF file runs on llama.cpp, which needs llama-cpp-python ({exc}); install it with "
                            "`pip install 'zhllama[llamacpp]'` (`make setup` builds and caches the wheel)") from None
     return llama_cpp
 

@@ -11,7 +11,6 @@ from zhllama.errors import ZhllamaError
 from zhllama.model.presets import get_preset, llama_config
 from zhllama.tokenizer.hf import HF_FILES, copy_hf_tokenizer
 
-
 GGUF_MAGIC = b"GGUF"
 
 
@@ -28,8 +27,8 @@ def require_hf_folder(path: str | Path, what: str = "model") -> Path:
     """The path, if it is a folder; a GGUF file or a missing path is a one-line error saying what is expected."""
     path = Path(path)
     if path.is_file() and is_gguf(path):
-        raise ZhllamaError(f"{path} is a GGUF file; this command takes an HF {what} folder (serve a GGUF file with "
-                           "`zhllama serve --backend llamacpp --model FILE.gguf`)")
+        raise ZhllamaError(f"{path} is a GGUF file; this command takes an HF {what} folder (chat, generate, "
+                           "serve and eval qa run a GGUF file: `zhllama serve --model FILE.gguf`)")
     if path.is_file():
         raise ZhllamaError(f"{path} is a file; this command takes an HF {what} folder")
     return path

@@ -9,33 +9,10 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from zhllama.errors import ZhllamaError
 from zhllama.serve.app import ServeConfig, check_config, create_app
 from zhllama.serve.http import uvicorn_options
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
-BACKENDS = ("hf", "llamacpp")
-
-
-def load_backend(config: ServeConfig):
-    """The engine ``config.backend`` names: HF (continuous batching) or llama.cpp (a GGUF file, the fast CPU path)."""
-    if config.backend not in BACKENDS:
-        raise ZhllamaError(f"--backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
-    if config.backend == "llamacpp":
-        if config.quantize or config.rope:
-            raise ZhllamaError("--quantize and --rope apply to HF models; a GGUF file carries its own "
-                               "quantisation and RoPE settings (set them at `zhllama export gguf`)")
-        from zhllama.infer.llamacpp import load_llamacpp_engine
-
-        return load_llamacpp_engine(config.model_dir, config.template, name=config.name,
-                                    max_tokens_limit=config.max_tokens_limit)
-    from zhllama.infer import load_engine
-
-    return load_engine(config.model_dir, config.template, device=config.device, name=config.name,
-                       max_tokens_limit=config.max_tokens_limit, max_concurrency=config.max_concurrency,
-                       quantize=config.quantize, rope=config.rope, rope_factor=config.rope_factor)
 
 
 def run_server(config: ServeConfig) -> None:
@@ -46,7 +23,12 @@ def run_server(config: ServeConfig) -> None:
     if config.host not in LOCAL_HOSTS and not config.api_keys:
         print(f"warning: serving on {config.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    engine = load_backend(config)
+    from zhllama.infer import load_engine
+
+    engine = load_engine(config.model_dir, config.template, backend=config.backend, device=config.device,
+                         name=config.name, max_tokens_limit=config.max_tokens_limit,
+                         max_concurrency=config.max_concurrency, quantize=config.quantize, rope=config.rope,
+                         rope_factor=config.rope_factor)
     app = create_app(engine, config)
     print(f"zhllama: serving {engine.name} at http://{config.host}:{config.port}/ (API under /v1)", flush=True)
     try:
