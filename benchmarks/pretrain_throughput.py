@@ -24,8 +24,8 @@ from zhllama import tokenizer
 from zhllama.assets import llama2_vocab_gguf
 from zhllama.config import TrainConfig
 from zhllama.data.pack import PackedData, pack
+from zhllama.runs import read_log
 from zhllama.train import pretrain
-from zhllama.train.logs import read_log
 from zhllama.train.loop import bf16_is_fast
 
 SEQ, BATCH, WARMUP = 256, 8, 3

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, REPO, machine
+from common import REPO, RESULTS, machine
 
 PROMPTS = ["请介绍一下北京的历史。", "写一首关于春天的短诗。", "什么是机器学习？请简单解释。",
            "给我讲一个关于猫的故事。", "如何学好中文？", "请解释一下光合作用。",

@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parser, write_results
 
+from zhllama.data.conversations import read_conversations
 from zhllama.data.readers import ReadReport
-from zhllama.data.sft import read_conversations
 from zhllama.data.sft_batches import SftExamples, collate, pack_examples, padded_batch, tokenize_examples
 from zhllama.model import init_model
 from zhllama.model.init import load_tokenizer

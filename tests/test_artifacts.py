@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from zhllama.artifacts import atomic_output_dir, atomic_output_file, remove_stale_partials, write_text_atomic
+from zhllama.artifacts import atomic_file, atomic_output_dir, remove_stale_partials, write_text_atomic
 from zhllama.errors import ZhllamaError
 
 
@@ -21,7 +21,7 @@ def test_a_write_that_fails_inside_the_output_is_one_line_and_leaves_nothing(tmp
     with no_such, atomic_output_dir(out) as tmp:
         (tmp / "missing-subfolder" / "x").write_text("y")
     no_space = pytest.raises(ZhllamaError, match=rf"^cannot write {out}.gguf: No space left on device$")
-    with no_space, atomic_output_file(tmp_path / "out.gguf") as tmp:
+    with no_space, atomic_file(tmp_path / "out.gguf") as tmp:
         tmp.write_bytes(b"GGUF")
         raise OSError(errno.ENOSPC, "No space left on device")  # a full disk names no file
     assert list(tmp_path.iterdir()) == []

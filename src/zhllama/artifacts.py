@@ -1,4 +1,10 @@
-"""Output folders: written whole or not at all, each with a zhllama.json that says where it came from."""
+"""Outputs written whole or not at all, folders each with a zhllama.json (PROVENANCE) that says where they came from.
+
+One mechanism for every output: write under a hidden sibling name (`.NAME.partial-PID`), rename into place when
+complete. `atomic_file` for one file, `atomic_output_dir` for a folder, `write_text_atomic`/`write_json_atomic` for
+small files; `replace_dir` is the last step alone, for writers whose temporary folder is shared by several
+processes (training checkpoints).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from pathlib import Path
 from zhllama import __version__
 from zhllama.errors import ZhllamaError
 
-PROVENANCE = "zhllama.json"
+PROVENANCE = "zhllama.json"  # in every output folder: the command, its arguments, hashes of its inputs
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +107,7 @@ def _is_write_error(exc: OSError, *paths: Path) -> bool:
 
 
 @contextmanager
-def atomic_output_file(out: str | Path) -> Iterator[Path]:
+def atomic_file(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write; rename it to `out` only if the block finishes.
 
     Stale partial files of killed runs are removed first; an output that cannot be written is a one-line
@@ -143,7 +149,7 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_write_error(exc, out, tmp):
@@ -154,7 +160,8 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`; a previous `out` goes only once the new one is in place."""
     if not out.exists():
         tmp.rename(out)
         return
@@ -170,7 +177,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a file under a temporary name, then rename it: a reader never sees half of it."""
-    with atomic_output_file(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -189,6 +196,7 @@ def file_sha256(path: str | Path) -> str:
 
 def write_provenance(folder: Path, command: str, args: dict, inputs: dict[str, str] | None = None,
                      **extra) -> None:
+    """Write `folder`/zhllama.json: the command, its arguments and argv, the zhllama version, the time, input hashes."""
     record = {
         "command": command,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()},
@@ -198,7 +206,7 @@ def write_provenance(folder: Path, command: str, args: dict, inputs: dict[str, s
         "inputs": inputs or {},
         **extra,
     }
-    (folder / PROVENANCE).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+    write_json_atomic(folder / PROVENANCE, record)
 
 
 def read_provenance(folder: str | Path) -> dict:

@@ -14,6 +14,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from zhllama.artifacts import atomic_file
 from zhllama.errors import ZhllamaError
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
@@ -42,9 +43,8 @@ def llama2_vocab_gguf(download: bool = True) -> Path:
         if member is None:
             raise ZhllamaError(f"{sdist.name} does not contain {LLAMA2_VOCAB_MEMBER}")
         data = tar.extractfile(member).read()
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(data)
     return target
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zhllama.chat import IGNORE_INDEX, tokenize_conversation
-from zhllama.data.sft import read_conversations
+from zhllama.data.conversations import read_conversations
 from zhllama.data.sft_batches import SftExamples, collate, pack_examples, padded_batch, tokenize_examples
 from zhllama.errors import ZhllamaError
 from zhllama.model.init import load_tokenizer

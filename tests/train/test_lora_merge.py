@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.test_cli import assert_one_line_error, run
 from zhllama.errors import ZhllamaError
-from zhllama.train.lora import merge_adapters
+from zhllama.train.lora_merge import merge_adapters
 
 
 def make_adapter(model_dir, out, seed, train_embeddings=False, r=4):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from tests.train.test_pretrain import small_cfg, train_losses
 from tests.train.test_sft import cfg_for, sft_file  # noqa: F401  (sft_file is a module fixture)
+from zhllama.runs import read_log
 from zhllama.train import loop, pretrain, sft
-from zhllama.train.logs import read_log
 
 
 def precisions(run):

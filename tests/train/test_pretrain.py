@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from zhllama.config import TrainConfig
 from zhllama.data.pack import PackedData, pack
 from zhllama.errors import ZhllamaError
+from zhllama.runs import read_log
 from zhllama.train import pretrain
-from zhllama.train.logs import read_log
 from zhllama.train.loop import sample_ids
 
 

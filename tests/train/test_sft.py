@@ -14,10 +14,10 @@ from zhllama.data import builtin
 from zhllama.data.sft_batches import collate, pack_examples, tokenize_examples
 from zhllama.errors import ZhllamaError
 from zhllama.model.init import load_tokenizer
+from zhllama.runs import read_log
 from zhllama.train import sft
-from zhllama.train.logs import read_log
 from zhllama.train.loop import sample_ids, token_loss, tokens_seen
-from zhllama.train.lora import merge_adapters
+from zhllama.train.lora_merge import merge_adapters
 from zhllama.train.sft import prepare_sft_data
 
 SEQ_LEN = 96
@@ -60,7 +60,7 @@ def cfg_for(**kw):
 
 
 def test_packed_rows_compute_exactly_what_single_rows_do(tiny_zh_model, sft_file):
-    from zhllama.data.sft import read_conversations
+    from zhllama.data.conversations import read_conversations
 
     tok = load_tokenizer(tiny_zh_model)
     ex = tokenize_examples(tok, "atom", read_conversations([sft_file])[:12], SEQ_LEN, progress=False)
@@ -94,7 +94,7 @@ def test_packed_and_unpacked_runs_follow_the_same_loss_curve(tiny_zh_model, sft_
 
 
 def test_saved_chat_template_builds_the_training_ids(tiny_zh_model, sft_file, tmp_path):
-    from zhllama.data.sft import read_conversations
+    from zhllama.data.conversations import read_conversations
 
     cfg = cfg_for(template="llama2", max_steps=1, val_fraction=0.1)
     out = sft(tiny_zh_model, [sft_file], tmp_path / "run", cfg)

@@ -7,7 +7,7 @@ from tests.train.test_pretrain import small_cfg, train_losses
 from zhllama.config import LoraSettings, TrainConfig
 from zhllama.errors import ZhllamaError
 from zhllama.train import pretrain
-from zhllama.train.lora import merge_adapters
+from zhllama.train.lora_merge import merge_adapters
 from zhllama.train.trainable import prepare_trainable
 
 

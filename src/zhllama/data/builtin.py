@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from zhllama.artifacts import atomic_file
 from zhllama.errors import ZhllamaError
 
 SOURCES = ("peoples_daily", "reviews", "sanguo")
@@ -106,7 +107,7 @@ def documents(split: str = "train", sources: tuple[str, ...] | list[str] = SOURC
 def write_jsonl(path: str | Path, split: str = "train", sources=SOURCES, max_chars: int | None = None) -> int:
     """Write documents as JSONL (one `text` per line); returns the number of characters written."""
     written = 0
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for doc in documents(split, sources):
             if max_chars is not None and written >= max_chars:
                 break
@@ -135,7 +136,7 @@ def code_texts() -> list[str]:
 
 
 def write_texts(path: str | Path, texts: list[str]) -> Path:
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
     return Path(path)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zhllama.artifacts import atomic_output_file, check_output_path
+from zhllama.artifacts import atomic_file, check_output_path
 from zhllama.errors import ZhllamaError
 from zhllama.model.init import is_gguf, require_hf_folder
 from zhllama.tokenizer.spm import CONTROL, UNUSED, USER_DEFINED, load_proto
@@ -218,7 +218,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", pad_
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
     fallbacks: list[str] = []
-    with atomic_output_file(out) as tmp:
+    with atomic_file(out) as tmp:
         # Temp-file mode keeps converted tensors on disk, not in memory, until the file is assembled.
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
         try:

@@ -3,8 +3,10 @@ quantised (zhllama.model.quantize) and with its RoPE context stretched (zhllama.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from zhllama.errors import ZhllamaError
 
 
 def pick_device(device: str = "auto") -> str:
@@ -23,11 +25,11 @@ def load_checked(model_dir: str | Path, device: str = "auto", quantize: str | No
     ``quantize`` (None | int8 | int4) and ``rope``/``rope_factor`` are checked before any weight is read.
     """
     import torch
+
     from zhllama.model.extend_vocab import load_model
     from zhllama.model.init import load_tokenizer
     from zhllama.model.quantize import load_kwargs, quantize_model
     from zhllama.model.rope import scaled_config
-    from zhllama.train.sft import check_model_vocab
 
     model_dir = Path(model_dir)
     device = pick_device(device)
@@ -42,3 +44,13 @@ def load_checked(model_dir: str | Path, device: str = "auto", quantize: str | No
     if "device_map" not in kwargs:  # bitsandbytes already placed (and fixed) the weights
         model = model.to(device)
     return quantize_model(model, quantize, device).eval(), tokenizer
+
+
+def check_model_vocab(model_dir: Path, tokenizer) -> None:
+    """A tokenizer with more pieces than the model has embedding rows is the wrong tokenizer for it."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if rows is not None and len(tokenizer) > rows:
+        raise ZhllamaError(f"the tokenizer in {model_dir} has {len(tokenizer):,} pieces but the model has {rows:,} "
+                           "embedding rows; it is not this model's tokenizer (after a vocabulary extension, run "
+                           "`zhllama model extend-vocab` first)")

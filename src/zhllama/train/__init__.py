@@ -1,182 +1,21 @@
-"""Training stage: continued pretraining on packed data (and, through the same loop, SFT)."""
+"""Training: continued pretraining and SFT, through one loop.
 
-from __future__ import annotations
+  run.py         what every run shares: the model loaded for training, the run folder checked, final/ written
+  pretrain.py    packed blocks, validation, `zhllama train pretrain`
+  sft.py         conversations rendered, tokenized and packed, `zhllama train sft`
+  loop.py        the training loop (mixed precision, accumulation, checkpoints, logs)
+  checkpoint.py  checkpoints written whole or not at all
+  trainable.py   which weights train: all, embeddings, LoRA, QLoRA
+  lora_merge.py  `zhllama lora merge`: adapters folded into their base
+  varlen.py      attention one packed document or conversation at a time
+  logs.py        log.jsonl and the loss plot
+"""
 
-import shutil
-from pathlib import Path
-
-import numpy as np
-import torch
-
-from zhllama.artifacts import check_output_path, file_sha256, make_dir, write_provenance
-from zhllama.config import SftConfig, TrainConfig, to_dict
-from zhllama.errors import ZhllamaError
-from zhllama.tokenizer.hf import copy_hf_tokenizer, set_chat_template
-from zhllama.train.checkpoint import latest_checkpoint, list_checkpoints
-from zhllama.train.loop import IGNORE, train_loop, val_index_batches
-from zhllama.train.trainable import check_qlora_available, merged_for_export, prepare_trainable
+from zhllama.config import SftConfig, TrainConfig
+from zhllama.train.loop import IGNORE
+from zhllama.train.pretrain import PackedTrainData, pretrain, validate
+from zhllama.train.run import finish_run, load_for_training
+from zhllama.train.sft import sft
 
 __all__ = ["IGNORE", "PackedTrainData", "SftConfig", "TrainConfig", "finish_run", "load_for_training", "pretrain",
            "sft", "validate"]
-
-
-class PackedTrainData:
-    """Packed blocks as the loop wants them: every token is a target, or with positions reset per document,
-    every token but a document's first (nothing before it in the block belongs to the same document).
-
-    Positions restarting at 0 make the model attend one document at a time (train/varlen.py, the same span
-    attention SFT uses), so a block of several documents computes what each document alone would. `reset_positions`
-    None follows the data: on when it was packed with --doc-boundaries.
-    """
-
-    def __init__(self, folder: Path, seq_len: int, reset_positions: bool | None = None):
-        from zhllama.data.pack import PackedData
-
-        self.train = PackedData(folder, "train")
-        self.val = PackedData(folder, "val") if "val" in self.train.meta["splits"] else None
-        if reset_positions is None:
-            reset_positions = bool(self.train.meta["doc_boundaries"])
-        self.seq_len, self.reset_positions = seq_len, reset_positions
-
-    def _batch(self, packed, ids: list[int]) -> dict[str, torch.Tensor]:
-        # A shorter --seq-len than the packed one trains on the start of each block.
-        tokens = torch.from_numpy(np.stack([packed.block(i)[: self.seq_len] for i in ids]))
-        batch = {"input_ids": tokens, "labels": tokens.clone()}
-        if self.reset_positions:
-            pos = torch.from_numpy(np.stack([packed.position_ids(i)[: self.seq_len] for i in ids]))
-            batch["position_ids"] = pos
-            batch["labels"][pos == 0] = IGNORE
-        return batch
-
-    def num_train(self) -> int:
-        return len(self.train)
-
-    def sample_tokens(self) -> np.ndarray:
-        return np.full(len(self.train), self.seq_len, dtype=np.int64)  # blocks have no padding
-
-    def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]:
-        return self._batch(self.train, samples)
-
-    def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
-        if self.val is None or len(self.val) == 0:
-            return []
-        return [self._batch(self.val, ids) for ids in val_index_batches(len(self.val), batch_size, limit, rank, world)]
-
-
-def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = False, rope: str | None = None,
-                      rope_factor: float | None = None):
-    """The model in fp32 (mixed precision autocasts from there), or with a frozen 4-bit NF4 base for QLoRA.
-
-    ``rope``/``rope_factor`` scale RoPE in the config before the weights load (zhllama.model.rope): the longer
-    ``seq_len`` is then allowed, and the saved model keeps the scaling in its config.json.
-    """
-    from zhllama.model.extend_vocab import load_model  # one place that turns load failures into errors
-
-    from zhllama.model.rope import scaled_config
-
-    config = scaled_config(model_dir, rope, rope_factor)
-    kwargs = {} if config is None else {"config": config}
-    if nf4:
-        from zhllama.train.trainable import nf4_quantization_config
-
-        check_qlora_available()
-        model = load_model(model_dir, quantization_config=nf4_quantization_config(), device_map={"": 0}, **kwargs)
-    else:
-        model = load_model(model_dir, **kwargs)
-        model = model.float() if model.dtype != torch.float32 else model
-    # SDPA, but a packed row's conversations (or documents) attend one span at a time: see train/varlen.py.
-    from zhllama.train.varlen import register
-
-    model.config._attn_implementation = register()
-    limit = model.config.max_position_embeddings
-    if seq_len is not None and seq_len > limit:
-        raise ZhllamaError(f"--seq-len {seq_len} is larger than the model supports ({limit} positions)")
-    return model
-
-
-def _check_run_dir(out: Path, resume: bool) -> None:
-    check_output_path(out)  # an unwritable --out fails now, not after the data is read
-    if out.exists() and any(out.iterdir()) and not (out / "zhllama.json").exists():
-        raise ZhllamaError(f"{out} exists and is not a zhllama run; choose another --out")
-    if not resume and list_checkpoints(out):
-        raise ZhllamaError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
-
-
-def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, inputs: dict,
-               chat_template: str | None = None) -> Path:
-    """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer (and the chat template SFT used);
-    LoRA runs also keep adapter/."""
-    final = run_dir / "final"
-    adapter = run_dir / "adapter" if hasattr(model, "peft_config") else None
-    if adapter is not None:
-        model.save_pretrained(str(adapter))  # for `zhllama lora merge` onto another copy of the base
-    export = merged_for_export(model)
-    export.save_pretrained(str(final), safe_serialization=True)
-    copy_hf_tokenizer(model_dir, final)
-    if chat_template is not None:
-        set_chat_template(final, chat_template)
-    if adapter is not None:
-        # `lora merge` takes the template, special tokens and generation settings from the adapter folder.
-        from zhllama.train.lora import GENERATION_CONFIG
-
-        copy_hf_tokenizer(final, adapter)
-        if (final / GENERATION_CONFIG).is_file():
-            shutil.copy2(final / GENERATION_CONFIG, adapter / GENERATION_CONFIG)
-    write_provenance(final, command, args, inputs)
-    return final
-
-
-@torch.no_grad()
-def validate(model_dir: str | Path, data_dir: str | Path, batch_size: int = 8, batches: int = 16) -> dict:
-    """Validation loss, perplexity and next-token accuracy of a model on packed data's val split."""
-    import math
-
-    from zhllama.data.pack import PackedData, check_tokenizer
-    from zhllama.train.loop import token_loss
-
-    packed = PackedData(data_dir, "train")
-    check_tokenizer(packed, model_dir)
-    model = load_for_training(Path(model_dir)).eval()
-    data = PackedTrainData(Path(data_dir), packed.seq_len)  # per-document when the data has boundaries
-    total = count = correct = 0
-    for batch in data.val_batches(batch_size, batches, 0, 1):
-        loss, n, c = token_loss(model, batch, with_accuracy=True)
-        total, count, correct = total + float(loss), count + n, correct + c
-    if count == 0:
-        raise ZhllamaError(f"{data_dir} has no validation blocks; pack it with --val-fraction")
-    return {"loss": total / count, "perplexity": math.exp(total / count), "accuracy": correct / count}
-
-
-def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig,
-             resume: bool = False) -> Path:
-    """Continue pretraining `model_dir` on packed data; returns the run folder (final model in run/final)."""
-    from zhllama.data.pack import PackedData, check_tokenizer
-
-    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
-    qlora = cfg.trainable == "qlora"
-    if qlora:
-        check_qlora_available()  # the same checks as `train sft --qlora`, before anything loads
-    packed = PackedData(data_dir, "train")
-    check_tokenizer(packed, model_dir)
-    seq_len = cfg.seq_len or packed.seq_len
-    if seq_len > packed.seq_len:
-        raise ZhllamaError(f"--seq-len {seq_len} is longer than the packed blocks ({packed.seq_len}); re-pack")
-    cfg.seq_len = seq_len
-    _check_run_dir(out, resume)
-    make_dir(out)
-    base = load_for_training(model_dir, seq_len, nf4=qlora, rope=cfg.rope, rope_factor=cfg.rope_factor)
-    model = prepare_trainable(base, cfg)
-    data = PackedTrainData(data_dir, seq_len, cfg.reset_position_ids)
-    args = {"model": str(model_dir), "data": str(data_dir), "config": to_dict(cfg), "resume": resume}
-    inputs = {"tokenizer": file_sha256(model_dir / "tokenizer.model"), "data_tokenizer": packed.tokenizer_sha256}
-    write_provenance(out, "train pretrain", args, inputs)
-    result = train_loop(model, data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        finish_run(result.model, out, model_dir, "train pretrain", args, inputs)
-    return out
-
-
-
-from zhllama.train.sft import sft  # noqa: E402  (sft.py imports this module's helpers lazily)

@@ -1,5 +1,9 @@
 """Checkpoints that are complete or absent: written under a temporary name, renamed when every file is in.
 
+Every rank writes into the same temporary folder (``.step-NNNNNN.partial``, a name they all know without asking
+each other), between barriers the loop holds; the main process then puts it in place with artifacts.replace_dir,
+the last step of every zhllama output.
+
 A checkpoint holds the weights (safetensors), the optimizer and scheduler state, every rank's RNG state and
 the step, which fixes the data position. Nothing is unpickled when loading: tensors come back through
 safetensors or torch.load(weights_only=True), the rest through JSON.
@@ -9,35 +13,15 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from zhllama.artifacts import replace_dir
 from zhllama.errors import ZhllamaError
-
-CHECKPOINTS = "checkpoints"
-_NAME = re.compile(r"^step-(\d{6,})$")
-STATE = "state.json"  # written last: a folder without it is not a checkpoint
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+from zhllama.runs import STATE, checkpoint_dir, list_checkpoints
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -78,8 +62,7 @@ def write_main_files(tmp: Path, model_state: dict, optimizer, scheduler, state: 
 def finish(tmp: Path, run_dir: Path, step: int, state: dict, keep: int) -> Path:
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     final = checkpoint_dir(run_dir, step)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    replace_dir(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zhllama.artifacts import atomic_file, write_text_atomic
+from zhllama.runs import LOG, read_log
+
 
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.path = Path(run_dir) / "log.jsonl"
+        self.path = Path(run_dir) / LOG
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -31,16 +34,11 @@ class RunLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
 def plot_loss(run_dir: Path) -> Path:
@@ -62,6 +60,7 @@ def plot_loss(run_dir: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out

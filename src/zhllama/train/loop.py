@@ -19,16 +19,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from zhllama.config import TrainConfig
 from zhllama.errors import ZhllamaError
+from zhllama.runs import latest_checkpoint
+from zhllama.scoring import IGNORE, token_nll
 from zhllama.train import checkpoint
 from zhllama.train.logs import RunLog, plot_loss
 from zhllama.train.trainable import parameter_groups, trainable_state
-
-IGNORE = -100
 
 
 class TrainData(Protocol):
@@ -121,21 +120,9 @@ def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = Fals
     onto the vocabulary (`logits_to_keep` as a mask): for a small model the vocabulary projection is most of
     the work, and the loss is the same.
     """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    mask = targets != IGNORE
-    if sparse_logits and int(mask.sum()) < 0.9 * mask.numel():
-        inputs["logits_to_keep"] = mask
-        targets = targets[mask]
-    # No KV cache: with one, transformers skips the packed-sequence detection from position_ids and every
-    # document in a block would attend to the ones before it.
-    logits = model(**inputs, use_cache=False).logits
-    flat = logits.reshape(-1, logits.size(-1)).float()
-    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    counted = targets != IGNORE
-    correct = int(((logits.argmax(-1) == targets) & counted).sum()) if with_accuracy else 0
-    return loss, int(counted.sum()), correct
+    # Under autocast the logits are bf16; token_nll takes the cross-entropy in fp32.
+    nll = token_nll(model, batch, sparse=0.9 if sparse_logits else 0.0, with_accuracy=with_accuracy)
+    return nll.nats, nll.count, nll.correct
 
 
 def _all_sum(accelerator, *values: float) -> list[float]:
@@ -205,7 +192,7 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     start = 0
     log = RunLog(run_dir, enabled=main)
-    found = checkpoint.latest_checkpoint(run_dir) if resume else None
+    found = latest_checkpoint(run_dir) if resume else None
     if found is not None and _sharded(accelerator):
         raise ZhllamaError("--resume is not supported under FSDP or DeepSpeed yet (their optimizer state is "
                            "sharded); resume with DDP (torchrun) instead")

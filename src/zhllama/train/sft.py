@@ -7,16 +7,21 @@ its ``chat_template``, so serving builds exactly the prompts that training saw.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from zhllama import scoring
 from zhllama.artifacts import file_sha256, make_dir, write_json_atomic, write_provenance
 from zhllama.config import SftConfig, to_dict
 from zhllama.errors import ZhllamaError
+from zhllama.model.loading import check_model_vocab
+from zhllama.runs import latest_checkpoint
+from zhllama.train.loop import train_loop, val_index_batches
+from zhllama.train.run import check_run_dir, finish_run, load_for_training
+from zhllama.train.trainable import check_qlora_available, prepare_trainable
 
 
 class SftTrainData:
@@ -48,7 +53,6 @@ class SftTrainData:
 
     def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
         from zhllama.data.sft_batches import collate
-        from zhllama.train.loop import val_index_batches
 
         return [collate(self.val, [self.val_rows[i] for i in ids], self.pad_id)
                 for ids in val_index_batches(len(self.val_rows), batch_size, limit, rank, world)]
@@ -57,16 +61,6 @@ class SftTrainData:
         """Share of the row slots that hold real tokens (the rest is padding), over the training rows."""
         counts = self.sample_tokens()
         return float(counts.sum()) / max(1, int(counts.max(initial=0)) * len(counts))
-
-
-def check_model_vocab(model_dir: Path, tokenizer) -> None:
-    """A tokenizer with more pieces than the model has embedding rows is the wrong tokenizer for it."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if rows is not None and len(tokenizer) > rows:
-        raise ZhllamaError(f"the tokenizer in {model_dir} has {len(tokenizer):,} pieces but the model has {rows:,} "
-                           "embedding rows; it is not this model's tokenizer (after a vocabulary extension, run "
-                           "`zhllama model extend-vocab` first)")
 
 
 def split_conversations(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -81,8 +75,8 @@ def split_conversations(n: int, val_fraction: float, seed: int) -> tuple[list[in
 def prepare_sft_data(model_dir: Path, data: list[str | Path], cfg: SftConfig, progress: bool = True):
     """Read, template, tokenize, split and pack; returns (SftTrainData, report dict)."""
     from zhllama.chat import get_template
+    from zhllama.data.conversations import read_conversations
     from zhllama.data.readers import ReadReport
-    from zhllama.data.sft import read_conversations
     from zhllama.data.sft_batches import tokenize_examples
     from zhllama.model.init import load_tokenizer
 
@@ -101,7 +95,7 @@ def prepare_sft_data(model_dir: Path, data: list[str | Path], cfg: SftConfig, pr
     if len(examples) == 0:
         raise ZhllamaError(f"none of the {len(conversations)} conversations could be used (see the warnings)")
     train_ids, val_ids = split_conversations(len(examples), cfg.val_fraction, cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = scoring.pad_id(tokenizer)
     data_ = SftTrainData(examples.subset(train_ids), examples.subset(val_ids) if val_ids else None,
                          cfg.seq_len, cfg.packing, pad_id)
     summary = {**examples.counts(), "rows_skipped": len(report.skipped), "skipped": report.skipped[:100],
@@ -117,15 +111,11 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
 
     from zhllama.chat import get_template
     from zhllama.model.init import tokenizer_sha256
-    from zhllama.train import _check_run_dir, finish_run, load_for_training
-    from zhllama.train.checkpoint import latest_checkpoint
-    from zhllama.train.loop import train_loop
-    from zhllama.train.trainable import check_qlora_available, prepare_trainable
 
     model_dir, out = Path(model_dir), Path(out)
     if cfg.trainable == "qlora":
         check_qlora_available()  # before minutes of tokenizing
-    _check_run_dir(out, resume)
+    check_run_dir(out, resume)
     train_data, summary = prepare_sft_data(model_dir, data, cfg)
     print(f"SFT data: {summary['train_examples']:,} conversations in {summary['train_rows']:,} rows "
           f"({summary['useful_token_share']:.1%} of the slots are real tokens), {summary['val_examples']:,} "

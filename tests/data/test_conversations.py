@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from zhllama.data.conversations import parse_atom_text, read_conversations, record_to_messages
 from zhllama.data.readers import ReadReport
-from zhllama.data.sft import parse_atom_text, read_conversations, record_to_messages
 from zhllama.errors import ZhllamaError
 
 

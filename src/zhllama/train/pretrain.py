@@ -1,0 +1,110 @@
+"""Continued pretraining on packed data: the blocks as the loop wants them, validation, and the run itself."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zhllama.artifacts import file_sha256, make_dir, write_provenance
+from zhllama.config import TrainConfig, to_dict
+from zhllama.errors import ZhllamaError
+from zhllama.runs import latest_checkpoint
+from zhllama.train.loop import IGNORE, token_loss, train_loop, val_index_batches
+from zhllama.train.run import check_run_dir, finish_run, load_for_training
+from zhllama.train.trainable import check_qlora_available, prepare_trainable
+
+
+class PackedTrainData:
+    """Packed blocks as the loop wants them: every token is a target, or with positions reset per document,
+    every token but a document's first (nothing before it in the block belongs to the same document).
+
+    Positions restarting at 0 make the model attend one document at a time (train/varlen.py, the same span
+    attention SFT uses), so a block of several documents computes what each document alone would. `reset_positions`
+    None follows the data: on when it was packed with --doc-boundaries.
+    """
+
+    def __init__(self, folder: Path, seq_len: int, reset_positions: bool | None = None):
+        from zhllama.data.pack import PackedData
+
+        self.train = PackedData(folder, "train")
+        self.val = PackedData(folder, "val") if "val" in self.train.meta["splits"] else None
+        if reset_positions is None:
+            reset_positions = bool(self.train.meta["doc_boundaries"])
+        self.seq_len, self.reset_positions = seq_len, reset_positions
+
+    def _batch(self, packed, ids: list[int]) -> dict[str, torch.Tensor]:
+        # A shorter --seq-len than the packed one trains on the start of each block.
+        tokens = torch.from_numpy(np.stack([packed.block(i)[: self.seq_len] for i in ids]))
+        batch = {"input_ids": tokens, "labels": tokens.clone()}
+        if self.reset_positions:
+            pos = torch.from_numpy(np.stack([packed.position_ids(i)[: self.seq_len] for i in ids]))
+            batch["position_ids"] = pos
+            batch["labels"][pos == 0] = IGNORE
+        return batch
+
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def sample_tokens(self) -> np.ndarray:
+        return np.full(len(self.train), self.seq_len, dtype=np.int64)  # blocks have no padding
+
+    def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        return self._batch(self.train, samples)
+
+    def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
+        if self.val is None or len(self.val) == 0:
+            return []
+        return [self._batch(self.val, ids) for ids in val_index_batches(len(self.val), batch_size, limit, rank, world)]
+
+
+@torch.no_grad()
+def validate(model_dir: str | Path, data_dir: str | Path, batch_size: int = 8, batches: int = 16) -> dict:
+    """Validation loss, perplexity and next-token accuracy of a model on packed data's val split."""
+    from zhllama.data.pack import PackedData, check_tokenizer
+
+    packed = PackedData(data_dir, "train")
+    check_tokenizer(packed, model_dir)
+    model = load_for_training(Path(model_dir)).eval()
+    data = PackedTrainData(Path(data_dir), packed.seq_len)  # per-document when the data has boundaries
+    total = count = correct = 0
+    for batch in data.val_batches(batch_size, batches, 0, 1):
+        loss, n, c = token_loss(model, batch, with_accuracy=True)
+        total, count, correct = total + float(loss), count + n, correct + c
+    if count == 0:
+        raise ZhllamaError(f"{data_dir} has no validation blocks; pack it with --val-fraction")
+    return {"loss": total / count, "perplexity": math.exp(total / count), "accuracy": correct / count}
+
+
+def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig,
+             resume: bool = False) -> Path:
+    """Continue pretraining `model_dir` on packed data; returns the run folder (final model in run/final)."""
+    from zhllama.data.pack import PackedData, check_tokenizer
+
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    qlora = cfg.trainable == "qlora"
+    if qlora:
+        check_qlora_available()  # the same checks as `train sft --qlora`, before anything loads
+    packed = PackedData(data_dir, "train")
+    check_tokenizer(packed, model_dir)
+    seq_len = cfg.seq_len or packed.seq_len
+    if seq_len > packed.seq_len:
+        raise ZhllamaError(f"--seq-len {seq_len} is longer than the packed blocks ({packed.seq_len}); re-pack")
+    cfg.seq_len = seq_len
+    check_run_dir(out, resume)
+    make_dir(out)
+    base = load_for_training(model_dir, seq_len, nf4=qlora, rope=cfg.rope, rope_factor=cfg.rope_factor)
+    model = prepare_trainable(base, cfg)
+    data = PackedTrainData(data_dir, seq_len, cfg.reset_position_ids)
+    args = {"model": str(model_dir), "data": str(data_dir), "config": to_dict(cfg), "resume": resume}
+    inputs = {"tokenizer": file_sha256(model_dir / "tokenizer.model"), "data_tokenizer": packed.tokenizer_sha256}
+    write_provenance(out, "train pretrain", args, inputs)
+    result = train_loop(model, data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        finish_run(result.model, out, model_dir, "train pretrain", args, inputs)
+    return out
+
