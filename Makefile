@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile scripts/setup.sh
 demo: setup
 	$(VENV)/bin/zhllama demo
 
+# The import contracts (the layers of DESIGN.md, in pyproject.toml) and ruff first: seconds, before the suite.
 test: setup browser
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 # The web page is tested in Debian's Chromium (never `playwright install`: no download at test time). The CJK font
@@ -42,6 +45,7 @@ docker-test:
 	bash scripts/docker-test.sh
 
 lint: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:

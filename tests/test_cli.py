@@ -148,3 +148,50 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(command, tmp_pat
     assert_one_line_error(result, f"cannot write {out}: {blocker} is a file, not a folder")
     assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "in.jsonl"]
+
+
+def test_multi_value_expansion_follows_the_command():
+    # `train sft --data` takes several files; `train pretrain --data` takes one folder
+    assert expand_multi_value_options(["train", "sft", "--data", "a", "b", "--out", "o"]) == \
+        ["train", "sft", "--data", "a", "--data", "b", "--out", "o"]
+    argv = ["train", "pretrain", "--data", "a", "b", "--out", "o"]
+    assert expand_multi_value_options(argv) == argv
+    argv = ["eval", "long", "--model", "m", "x"]
+    assert expand_multi_value_options(argv) == argv
+    assert expand_multi_value_options(["serve", "--model", "m", "--api-key", "k1", "k2"])[-4:] == \
+        ["--api-key", "k1", "--api-key", "k2"]
+
+
+def test_a_second_value_for_a_one_value_option_is_refused(tmp_path):
+    result = run("train", "pretrain", "--model", tmp_path / "m", "--data", tmp_path / "a", tmp_path / "b",
+                 "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert "unexpected extra argument" in result.stderr and str(tmp_path / "b") in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--lora", "--qlora"], ["choose one of --lora and --qlora"]),
+    (["--lora", "--trainable", "all"], ["--lora means --trainable lora", "--trainable all"]),
+])
+def test_trainable_flags_agree_across_train_commands(tmp_path, capsys, tiny_zh_model, flags, words):
+    for command in (["train", "pretrain", "--data", tmp_path], ["train", "sft", "--data", tmp_path / "x.json"]):
+        result = run_in_process(capsys, *command, "--model", tiny_zh_model, "--out", tmp_path / "run", *flags)
+        assert_one_line_error(result, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_clean_takes_a_shipped_recipe_by_name(tmp_path):
+    src = tmp_path / "in.jsonl"
+    long = ("今天天气很好，我们去公园散步，看到很多人在锻炼身体，"
+            "有的跑步，有的打太极拳，还有的在湖边下棋聊天，非常热闹。")
+    rows = ["今天天气很好，我们去公园散步，看到很多人在锻炼身体。", long]  # 25 and 54 characters: the default
+    assert 20 < len(rows[0]) < 50 < len(long)  # min_chars (20) keeps both, clean_web's (50) only the long one
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows), encoding="utf-8")
+    result = run("data", "clean", "--input", src, "--out", tmp_path / "c.jsonl", "--report", tmp_path / "r.json",
+                 "--config", "clean_web", "--workers", 1, "--no-near-dedup")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["min_chars"] == 50 and report["config"]["workers"] == 1
+    assert report["config"]["near_dedup"] is False
+    assert report["documents"]["kept"] == 1 and report["documents"]["dropped"]["too_short"] == 1

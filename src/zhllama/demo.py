@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from zhllama import tokenizer
+from zhllama.artifacts import write_json_atomic, write_text_atomic
 from zhllama.assets import llama2_vocab_gguf
 from zhllama.data import builtin
 
@@ -103,8 +104,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     from zhllama.config import TrainConfig, load_config
     from zhllama.train import pretrain, validate
 
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "pretrain_tiny.yaml"
-    cfg = load_config(TrainConfig, recipe if recipe.exists() else None,
+    cfg = load_config(TrainConfig, "pretrain_tiny",
                       {"max_steps": 80, "save_every": 40, "eval_every": 40, "log_every": 5}
                       if not quick else {"max_steps": 4, "batch_size": 4, "eval_batches": 2, "save_every": 4,
                                          "eval_every": 4, "log_every": 1, "warmup_steps": 1})
@@ -124,7 +124,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
                                    "after pretraining": run / "final",
                                    "after SFT": out / "run-sft" / "final"}, quick)
     summary["gguf"] = _gguf(out, out / "run-sft" / "final")
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", summary)
     print(f"\nEverything is under {out}/ (summary.json holds the figures).")
     return summary
 
@@ -140,20 +140,15 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool) -> dict:
     t = _stage("9. SFT: review sentiment (判断下面这条评论的情感倾向 -> 正面/负面), held-out accuracy before/after")
     records = builtin.sentiment_examples("train", 200 if quick else None)  # all 15,806 distinct reviews
     train_file = out / "corpus" / "sentiment_sft.jsonl"
-    train_file.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")},
-                                             ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_text_atomic(train_file, "".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")},
+                                                     ensure_ascii=False) + "\n" for r in records))
     heldout = builtin.sentiment_examples("heldout", 40 if quick else None)
     prompts = [builtin.sentiment_prompt(r) for r in heldout]
     choices = [builtin.SENTIMENT_ANSWERS["pos"], builtin.SENTIMENT_ANSWERS["neg"]]
     answers = [0 if r["label"] == "pos" else 1 for r in heldout]
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "sft_sentiment_tiny.yaml"
-    # The recipe where the repo is checked out; its main settings where only the package is installed.
-    settings = {} if recipe.exists() else {"template": "atom", "seq_len": 256, "max_steps": 600, "batch_size": 8,
-                                           "lr": 4e-4, "warmup_steps": 10, "val_fraction": 0.01}
-    if quick:
-        settings.update(max_steps=4, batch_size=4, save_every=4, eval_every=4, eval_batches=2, log_every=1,
-                        warmup_steps=1)
-    cfg = load_config(SftConfig, recipe if recipe.exists() else None, settings)
+    quick_settings = dict(max_steps=4, batch_size=4, save_every=4, eval_every=4, eval_batches=2, log_every=1,
+                          warmup_steps=1)
+    cfg = load_config(SftConfig, "sft_sentiment_tiny", quick_settings if quick else None)
     tok = load_tokenizer(base_model)
     before = choice_accuracy(load_model(base_model), tok, cfg.template, prompts, choices, answers)
     shutil.rmtree(out / "run-sft", ignore_errors=True)
@@ -271,7 +266,6 @@ def _gguf(out: Path, chat_model: Path) -> dict:
     """Stage 12: export the chat model to GGUF q8_0 and ask it one question through llama.cpp."""
     from zhllama.export.gguf import export_gguf
     from zhllama.infer import SamplingParams, load_engine
-    from zhllama.infer.llamacpp import load_llamacpp_engine
 
     t = _stage("12. Deploy: export to GGUF q8_0 and answer through llama.cpp")
     gguf = Path(export_gguf(chat_model, out / "model-q8_0.gguf", "q8_0"))
@@ -279,7 +273,7 @@ def _gguf(out: Path, chat_model: Path) -> dict:
     messages = builtin.sentiment_prompt(review)
     params = SamplingParams(max_tokens=8, temperature=0)
     answers = {}
-    for backend, load in (("llama.cpp q8_0", lambda: load_llamacpp_engine(gguf, name="demo-gguf")),
+    for backend, load in (("llama.cpp q8_0", lambda: load_engine(gguf, name="demo-gguf")),
                           ("HF fp32", lambda: load_engine(chat_model, device="cpu", name="demo-hf"))):
         engine = load()
         try:
@@ -291,7 +285,7 @@ def _gguf(out: Path, chat_model: Path) -> dict:
     for backend, answer in answers.items():
         print(f"{backend}: {answer}")
     print(f"expected: {builtin.SENTIMENT_ANSWERS[review['label']]}; serve it with "
-          f"zhllama serve --backend llamacpp --model {gguf}")
+          f"zhllama serve --model {gguf}")
     _done(t)
     return {"file": str(gguf), "bytes": gguf.stat().st_size, "answers": answers,
             "expected": builtin.SENTIMENT_ANSWERS[review["label"]]}

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+
 from tests.test_cli import assert_one_line_error, run
 
 

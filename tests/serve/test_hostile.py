@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
+
 from tests.serve.conftest import start
 from tests.serve.test_robustness import parse_sse
-
 from zhllama.errors import ZhllamaError
 from zhllama.infer import SamplingParams
 from zhllama.serve import ServeConfig, create_app

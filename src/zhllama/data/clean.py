@@ -22,13 +22,14 @@ import time
 import unicodedata
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
-from zhllama.artifacts import atomic_output_file, check_output_path, write_json_atomic
+from zhllama.artifacts import atomic_file, check_output_path, write_json_atomic
+from zhllama.config import CleanConfig
 from zhllama.data.dedup import (
     NearDuplicateIndex,
     codepoints,
@@ -43,38 +44,6 @@ from zhllama.errors import ZhllamaError
 FILTERS = ("too_short", "symbols", "low_cjk", "dup_lines", "dup_ngrams", "top_ngram")
 DROP_REASONS = FILTERS + ("exact_duplicate", "near_duplicate")
 MAX_LISTED_MALFORMED = 100
-
-
-@dataclass
-class CleanConfig:
-    min_chars: int = 20  # non-whitespace characters
-    min_cjk_share: float = 0.3  # Han characters among letters and digits: "is this Chinese at all"
-    max_symbol_share: float = 0.3  # symbols (★, #, emoji, private use) among non-whitespace characters
-    max_dup_line_share: float = 0.3  # Gopher: lines that repeat an earlier line ...
-    max_dup_line_char_share: float = 0.2  # ... and the characters in them
-    # Gopher's repetition rules, on characters (Chinese has no spaces to count words by). Measured on
-    # shared/data/pretrain_zh (wiki, news, laws, abstracts, app blurbs, reviews): Gopher's top 2/3/4-gram
-    # limits work as they are on character n-grams (at most 1% of any source goes: keyword-stuffed blurbs,
-    # name lists, spam). Its duplicate 5..10-gram limits (0.15..0.10) do not: Chinese repeats long names and
-    # set phrases (全国人民代表大会常务委员会 is 11 characters), and they would drop 357 of 359 laws and a
-    # quarter of all documents over 500 characters. Twice the length (about as many words) with limits
-    # 0.40..0.30 still catches every doubled article (share ~0.5) and phrase spam (~0.9), and drops at most
-    # 0.3% of wiki, news and abstracts. Only documents of `ngram_min_chars` or more are judged: in a short
-    # text one name said twice is already a large share (Gopher only judged documents of 50+ words).
-    top_ngram_shares: tuple[tuple[int, float], ...] = ((2, 0.20), (3, 0.18), (4, 0.16))
-    dup_ngram_shares: tuple[tuple[int, float], ...] = (
-        (10, 0.40), (12, 0.38), (14, 0.36), (16, 0.34), (18, 0.32), (20, 0.30))
-    ngram_min_chars: int = 100
-    dedup: bool = True
-    near_dedup: bool = True
-    # Jaccard similarity of 5-character shingles. A copy with a fraction e of its characters edited at random
-    # keeps about (1-e)^5 of its shingles, so J ~ (1-e)^5 / (2 - (1-e)^5): 0.8 would only catch copies with
-    # under 2.5% edited; 0.5 catches up to about 8% while unrelated Chinese documents stay under 0.05.
-    near_dup_threshold: float = 0.5
-    num_perm: int = 128
-    shingle: int = 5
-    workers: int | None = None  # None: os.cpu_count()
-    chunk_lines: int = 256  # lines per task sent to a worker
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,7 +304,7 @@ def clean_files(inputs: list[str | Path], out_path: str | Path, report_path: str
 
     tally, seen, near = _Tally(), set(), NearDuplicateIndex(cfg.near_dup_threshold, cfg.num_perm)
     start = time.perf_counter()
-    with atomic_output_file(out_path) as partial_path, partial_path.open("w", encoding="utf-8") as out:
+    with atomic_file(out_path) as partial_path, partial_path.open("w", encoding="utf-8") as out:
         work = partial(_process_chunk, cfg=cfg)
         for results in _ordered_map(work, _chunks(paths, cfg.chunk_lines), cfg.workers):
             for where, result in results:

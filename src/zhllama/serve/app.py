@@ -14,15 +14,14 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from zhllama.config import ServeConfig
 from zhllama.errors import ZhllamaError
 from zhllama.infer.engine import Engine
 from zhllama.infer.params import SamplingParams
@@ -32,31 +31,6 @@ from zhllama.serve.limits import Lease, QueueRefused, Slots
 from zhllama.serve.metrics import Metrics
 
 log = logging.getLogger("zhllama.serve")
-
-
-@dataclass
-class ServeConfig:
-    model_dir: Path | None = None
-    template: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: tuple[str, ...] = ()
-    max_concurrency: int = 16
-    max_tokens_limit: int = 2048
-    default_max_tokens: int = 512
-    max_body_bytes: int = 1_000_000
-    device: str = "auto"
-    name: str | None = None
-    backend: str = "hf"  # hf | llamacpp
-    quantize: str | None = None
-    rope: str | None = None
-    rope_factor: float | None = None
-    max_queue: int = 64  # requests waiting for a slot; beyond it, 429
-    queue_timeout: float = 60.0  # seconds a request may wait for a slot; then 503
-    allow_origins: tuple[str, ...] = ()  # browser origins, besides the server's own, that may POST
-    header_timeout: float = 20.0  # seconds to send a request's headers (--read-timeout)
-    body_timeout: float = 20.0  # seconds to send a request's body (--read-timeout)
-    max_connections: int = 256  # open connections; a request on one beyond it gets 503
 
 
 def check_config(config: ServeConfig) -> None:

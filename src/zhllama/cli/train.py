@@ -1,0 +1,63 @@
+"""Commands that train: train pretrain, train sft, lora merge, and the recipes they read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from zhllama.cli.apps import app, lora_app, train_app
+from zhllama.cli.options import Inputs, Model, Out, Recipe, Resume, config_options
+from zhllama.config import SftConfig, TrainConfig
+
+
+@train_app.command("pretrain")
+@config_options(TrainConfig)
+def train_pretrain(model_dir: Model, data: Path = typer.Option(..., "--data", help="a folder from `data pack`"),
+                   out: Out = ..., config: Recipe = None, resume: Resume = False, *, overrides: dict):
+    """Continue pretraining on packed data (launch with torchrun or accelerate launch to distribute)."""
+    from zhllama.config import load_config
+    from zhllama.train import pretrain
+
+    typer.echo(pretrain(model_dir, data, out, load_config(TrainConfig, config, overrides), resume=resume))
+
+
+@train_app.command("sft")
+@config_options(SftConfig)
+def train_sft(model_dir: Model,
+              data: Inputs = typer.Option(..., "--data", help="seed CSV, Alpaca or ShareGPT .json/.jsonl files"),
+              out: Out = ..., config: Recipe = None, resume: Resume = False, *, overrides: dict):
+    """Supervised fine-tuning on conversations: loss on the replies only, packed rows, full/LoRA/QLoRA."""
+    from zhllama.config import load_config
+    from zhllama.train import sft
+
+    typer.echo(sft(model_dir, data, out, load_config(SftConfig, config, overrides), resume=resume))
+
+
+@lora_app.command("merge")
+def lora_merge(base: Path = typer.Option(..., "--base", help="the HF model the adapters were trained on"),
+               adapter: Inputs = typer.Option(..., "--adapter", help="peft adapter folders, applied in order"),
+               out: Out = ...):
+    """Fold one or more LoRA adapters into the base weights; writes a standalone HF folder."""
+    from zhllama.train.lora_merge import merge_adapters
+
+    typer.echo(merge_adapters(base, adapter, out))
+
+
+@app.command("recipes")
+def recipes(name: str = typer.Argument(None, help="print only this one's path (for accelerate's --config_file)")):
+    """The shipped recipes (for --config NAME) and engine configs (for accelerate launch), with their paths."""
+    from zhllama.config import recipe_files
+
+    files = recipe_files()
+    if name is not None:
+        from zhllama.errors import ZhllamaError
+
+        found = [p for p in files if name in (p.stem, p.name)]
+        if not found:
+            raise ZhllamaError(f"no shipped recipe {name!r}; `zhllama recipes` lists them")
+        files = found[:1]
+        typer.echo(files[0])
+        return
+    for path in files:
+        typer.echo(f"{path.stem:28} {path}")
