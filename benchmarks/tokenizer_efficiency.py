@@ -4,6 +4,13 @@ compare tokens per character on the held-out 7-domain set (eval/ppl_zh) with Lla
 Also compares the score schemes for new pieces (zh-rank, append, zero) on the same trained Chinese model, and
 counts how often each tokenizer's fast (tokenizer.json) ids disagree with sentencepiece's own.
 English (en/) and code (code/) token counts must equal Llama-2's exactly.
+
+Second part (`vocabularies`), the Aquila-style table over real vocabularies: tokens per character on the
+first 400k characters of each ppl_zh domain, English and code, for Llama-2, Llama-3, Qwen2, Aquila, Baichuan,
+DeepSeek-LLM (llama.cpp's vocabulary GGUFs), Chinese-LLaMA-Alpaca-2, our Llama-2 extension (55,296) and Llama-3
+extended with Chinese merges trained on pretrain_zh; plus the curve of tokens/char against the number of new
+Llama-3 tokens. SentencePiece vocabularies are counted with sentencepiece, byte-level BPE ones with the
+tokenizers library.
 """
 
 from __future__ import annotations
@@ -61,8 +68,150 @@ def count(model_file: Path, fast_dir: Path | None, corpora: dict[str, list[str]]
     return row
 
 
+# Reference tokens/char on ppl_zh measured with llama.cpp (issue 14); our figures should land close to them.
+REFERENCE = {"Llama-2": 1.424, "Llama-3": 0.798, "Baichuan": 0.718, "Chinese-LLaMA-Alpaca-2": 0.664,
+             "DeepSeek-LLM": 0.650, "Qwen2": 0.630, "Aquila": 0.571}
+GGUF_VOCABS = {"Llama-3": "llama-bpe", "Qwen2": "qwen2", "Aquila": "aquila", "Baichuan": "baichuan",
+               "DeepSeek-LLM": "deepseek-llm"}
+DOMAIN_CHARS = 400_000
+CURVE = (5_000, 10_000, 25_000, 50_000)
+HEADLINE = 25_000
+
+
+def ppl_zh_head(data: Path, limit: int = DOMAIN_CHARS) -> dict[str, list[str]]:
+    """The first `limit` characters of each ppl_zh domain, in file order (the last document cut)."""
+    out = {}
+    for path in sorted((data / "eval" / "ppl_zh").glob("*.jsonl")):
+        texts, left = [], limit
+        for text in read_jsonl([path]):
+            if left <= 0:
+                break
+            texts.append(text[:left])
+            left -= len(texts[-1])
+        out[path.stem.removeprefix("skywork_zh_")] = texts
+    return out
+
+
+class Counter:
+    """Token counts without special tokens: sentencepiece for a tokenizer.model, tokenizers for a tokenizer.json."""
+
+    def __init__(self, folder: Path | None = None, tok=None):
+        self.sp = None
+        if tok is None and folder is not None and (folder / "tokenizer.model").is_file():
+            self.sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            self.vocab = self.sp.get_piece_size()
+            return
+        from tokenizers import Tokenizer
+
+        self.tok = tok or Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.vocab = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.sp is not None:
+            return self.sp.encode(texts)
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def gguf_folder(name: str, work: Path) -> tuple[Path, str]:
+    """An HF folder for a llama.cpp vocabulary: `tokenizer from-gguf`, or transformers where that cannot read it."""
+    from zhllama.assets import vocab_gguf
+    from zhllama.errors import ZhllamaError
+
+    out = work / "vocabs" / name
+    if (out / "tokenizer.json").is_file():
+        return out, json.loads((out / "loader.json").read_text())["loader"]
+    gguf = vocab_gguf(name)
+    try:
+        tokenizer.from_gguf(gguf, out)
+        loader = "zhllama from-gguf"
+    except ZhllamaError:  # byte-level BPE GGUFs, until from_gguf reads them
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(out))
+        loader = "transformers gguf_file"
+    (out / "loader.json").write_text(json.dumps({"loader": loader}))
+    return out, loader
+
+
+def row(counter: Counter, corpora: dict[str, list[str]], base_ids: dict | None = None) -> dict:
+    ids = {name: counter.encode(texts) for name, texts in corpora.items()}
+    tokens = {name: sum(map(len, v)) for name, v in ids.items()}
+    chars = {name: sum(map(len, texts)) for name, texts in corpora.items()}
+    zh = [d for d in corpora if d not in ("en", "code")]
+    out = {"vocab": counter.vocab, "tokens": tokens,
+           "tok_per_char": {"zh": sum(tokens[d] for d in zh) / sum(chars[d] for d in zh),
+                            **{d: tokens[d] / chars[d] for d in corpora}}}
+    if base_ids is not None:  # English and code must be the base's ids, token for token
+        out["en_code_ids_equal_base"] = all(ids[d] == base_ids[d] for d in ("en", "code"))
+    return out, ids
+
+
+def vocabularies(data: Path, work: Path, en: list[str], code: list[str], max_chars: int | None = None):
+    from zhllama.tokenizer import bpe_extend
+
+    corpora = {**ppl_zh_head(data), "en": en, "code": code}
+    chars = {d: sum(map(len, t)) for d, t in corpora.items()}
+    train_files = sorted((data / "pretrain_zh").glob("*.jsonl"))
+    rows, loaders, ids = {}, {}, {}
+    rows["Llama-2"], got = row(Counter(work / "llama2-hf"), corpora)
+    ids["Llama-2"] = {d: got[d] for d in ("en", "code")}
+    for name, gguf in GGUF_VOCABS.items():
+        folder, loaders[name] = gguf_folder(gguf, work)
+        rows[name], got = row(Counter(folder), corpora)
+        if name == "Llama-3":
+            ids[name] = {d: got[d] for d in ("en", "code")}
+    rows["Chinese-LLaMA-Alpaca-2"], _ = row(Counter(data / "tokenizers" / "chinese-llama-alpaca-2"), corpora)
+    llama2_zh = tokenizer.extend(data / "llama2-tokenizer.model", train_files, TARGET, work / "llama2-zh-55296")
+    rows["ours: Llama-2 extended (55,296)"], _ = row(Counter(llama2_zh), corpora, ids["Llama-2"])
+
+    l3_dir = work / "vocabs" / "llama-bpe"
+    base = bpe_extend.load_bpe_json(l3_dir)
+    start = time.perf_counter()
+    l3_zh = tokenizer.extend(l3_dir, train_files, bpe_extend.next_id(base) + HEADLINE, work / "llama3-zh-25k",
+                             max_chars=max_chars)
+    extend_s = time.perf_counter() - start
+    headline = f"ours: Llama-3 + {HEADLINE:,} (tokenizer extend)"
+    rows[headline], _ = row(Counter(l3_zh), corpora, ids["Llama-3"])
+
+    # The curve: one training, then prefixes of the accepted merges (any prefix is closed: parts come first).
+    start = time.perf_counter()
+    merges = bpe_extend.select_merges(base, bpe_extend.train_bpe(base, train_files, 256 + 2 * max(CURVE) + 30_000,
+                                                                 max_chars=max_chars), max_new=max(CURVE))
+    curve_s = time.perf_counter() - start
+    curve = {}
+    for n in (0, *CURVE):
+        if n > len(merges):
+            break
+        tok = bpe_extend._tokenizer(bpe_extend.append_merges(base, merges[:n]))
+        curve[n], _ = row(Counter(tok=tok), corpora, ids["Llama-3"])
+
+    lines = [f"Aquila-style table. zh: first {DOMAIN_CHARS:,} chars of each eval/ppl_zh domain "
+             f"({sum(chars[d] for d in corpora if d not in ('en', 'code')):,} chars); en {chars['en']:,} chars; "
+             f"code {chars['code']:,} chars. Llama-3 merges trained on pretrain_zh"
+             f"{'' if max_chars is None else f' (first {max_chars:,} chars)'}; extend took {extend_s:.0f} s.", "",
+             "| tokenizer | vocab | zh tok/char | llama.cpp ref | en tok/char | code tok/char | en+code = base |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        t, ref = r["tok_per_char"], f"{REFERENCE[name]:.3f}" if name in REFERENCE else ""
+        lines.append(f"| {name} | {r['vocab']:,} | {t['zh']:.3f} | {ref} | {t['en']:.4f} | "
+                     f"{t['code']:.4f} | {r.get('en_code_ids_equal_base', '')} |")
+    lines += ["", f"Curve: Llama-3 + N Chinese tokens (one training, {curve_s:.0f} s; {len(merges):,} accepted)", "",
+              "| new tokens | zh tok/char | en+code ids = Llama-3 |", "|---|---|---|"]
+    lines += [f"| {n:,} | {r['tok_per_char']['zh']:.3f} | {r['en_code_ids_equal_base']} |" for n, r in curve.items()]
+    ok = rows[headline]["tok_per_char"]["zh"] <= 0.60 and rows[headline]["en_code_ids_equal_base"]
+    lines += ["", f"goal (Llama-3 + <= 25,000 tokens: zh <= 0.60 tok/char, en and code unchanged): "
+              f"{'met' if ok else 'NOT met'}"]
+    payload = {"vocabularies": {"rows": rows, "chars": chars, "loaders": loaders, "reference_llama_cpp": REFERENCE,
+                                "curve": {str(n): r for n, r in curve.items()}, "curve_accepted": len(merges),
+                                "extend_seconds": extend_s, "curve_seconds": curve_s,
+                                "train_max_chars": max_chars, "goal_met": ok}}
+    return payload, lines
+
+
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--max-train-chars", type=int, default=None,
+                   help="train the Llama-3 merges on this many characters of pretrain_zh (default: all of it)")
+    args = p.parse_args()
     data, work = args.data, args.work
     work.mkdir(parents=True, exist_ok=True)
     base_model = data / "llama2-tokenizer.model"
@@ -99,8 +248,10 @@ def main() -> None:
     cla2 = rows["Chinese-LLaMA-Alpaca-2"]["tok_per_char"]["zh"]
     lines += ["", f"ours (zh-rank) / Chinese-LLaMA-Alpaca-2 = {ours / cla2:.3f} tokens (goal: at most 0.60 tok/char, "
               f"i.e. 10% fewer); ours / Llama-2 = {ours / rows['Llama-2']['tok_per_char']['zh']:.3f}"]
-    write_results("tokenizer_efficiency", {"rows": rows, "chars": chars, "train_seconds": train_s},
-                  "\n".join(lines))
+    vocab_payload, vocab_lines = vocabularies(data, work, english_texts(data), code_texts(data),
+                                              max_chars=args.max_train_chars)
+    write_results("tokenizer_efficiency", {"rows": rows, "chars": chars, "train_seconds": train_s,
+                                           **vocab_payload}, "\n".join(lines + ["", *vocab_lines]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zhllama import tokenizer
-from zhllama.assets import llama2_vocab_gguf
+from zhllama.assets import LLAMA3_TEMPLATE, llama2_vocab_gguf, sdist_file, vocab_gguf
 from zhllama.data import builtin
 
 EXTENDED_SIZE = 34_000
@@ -24,6 +24,34 @@ def llama2_gguf():
 @pytest.fixture(scope="session")
 def llama2_dir(workdir, llama2_gguf):
     return tokenizer.from_gguf(llama2_gguf, workdir / "llama2")
+
+
+def bpe_vocab_gguf(name: str):
+    """A cached llama.cpp vocabulary (`zhllama.assets.VOCABS`): "llama-bpe", "qwen2", ... (`make setup` caches them)."""
+    return vocab_gguf(name, download=False)
+
+
+@pytest.fixture(scope="session")
+def llama3_gguf():
+    """Llama-3's byte-level BPE vocabulary (128,256 tokens, pre-tokenizer "llama-bpe")."""
+    return bpe_vocab_gguf("llama-bpe")
+
+
+@pytest.fixture(scope="session")
+def llama3_dir(workdir, llama3_gguf):
+    """The HF tokenizer folder (tokenizer.json only, no tokenizer.model) that `tokenizer from-gguf` makes."""
+    return tokenizer.from_gguf(llama3_gguf, workdir / "llama3")
+
+
+@pytest.fixture(scope="session")
+def qwen2_gguf():
+    return bpe_vocab_gguf("qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama3_template_jinja():
+    """Path of Meta's Llama-3.1 Instruct chat template as llama.cpp ships it."""
+    return sdist_file(LLAMA3_TEMPLATE, download=False)
 
 
 @pytest.fixture(scope="session")

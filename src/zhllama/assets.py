@@ -1,8 +1,8 @@
 """Offline assets that a fresh machine fetches once from PyPI and caches.
 
-The real Llama-2 vocabulary (32,000 pieces with scores and types, identical to Meta's tokenizer.model) ships
-inside the llama-cpp-python source distribution as a vocabulary-only GGUF file. `make setup` runs this module
-so that tests and the demo can extend the real tokenizer without any model hub.
+The llama-cpp-python source distribution ships llama.cpp's test vocabularies as vocabulary-only GGUF files (the
+real Llama-2 SentencePiece vocabulary, Llama-3's byte-level BPE, Qwen2, ...) and the chat templates of well-known
+models. `make setup` runs this module so that tests and the demo use the real tokenizers without any model hub.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from zhllama.artifacts import atomic_file
 from zhllama.errors import ZhllamaError
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
-LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+_MODELS = "vendor/llama.cpp/models/"
+# name -> member of the sdist; the names are llama.cpp's own (ggml-vocab-NAME.gguf).
+VOCABS = ("llama-spm", "llama-bpe", "qwen2", "aquila", "baichuan", "deepseek-llm", "gpt-2")
+LLAMA3_TEMPLATE = "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"
+# Everything `python -m zhllama.assets` caches: the vocabularies and the templates other stages test against.
+ALL_MEMBERS = tuple(f"ggml-vocab-{name}.gguf" for name in VOCABS) + (LLAMA3_TEMPLATE,)
+LLAMA2_VOCAB_MEMBER = _MODELS + "ggml-vocab-llama-spm.gguf"
 
 
 def cache_dir() -> Path:
@@ -30,22 +36,54 @@ def cache_dir() -> Path:
     return path
 
 
+def vocab_gguf(name: str, download: bool = True) -> Path:
+    """Path of the cached llama.cpp vocabulary `ggml-vocab-NAME.gguf`, downloading the sdist on first use."""
+    if name not in VOCABS:
+        raise ZhllamaError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABS)}")
+    return sdist_file(f"ggml-vocab-{name}.gguf", download)
+
+
 def llama2_vocab_gguf(download: bool = True) -> Path:
-    """Path of the cached Llama-2 vocabulary GGUF, downloading the sdist on first use."""
-    target = cache_dir() / "ggml-vocab-llama-spm.gguf"
-    if target.exists():
-        return target
-    if not download:
-        raise ZhllamaError(f"the Llama-2 vocabulary is not cached at {target}; run `make setup`")
-    sdist = _download_sdist(cache_dir() / "downloads")
-    with tarfile.open(sdist) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith(LLAMA2_VOCAB_MEMBER)), None)
-        if member is None:
-            raise ZhllamaError(f"{sdist.name} does not contain {LLAMA2_VOCAB_MEMBER}")
-        data = tar.extractfile(member).read()
-    with atomic_file(target) as tmp:
-        tmp.write_bytes(data)
-    return target
+    """Path of the cached Llama-2 vocabulary GGUF (identical to Meta's tokenizer.model)."""
+    return vocab_gguf("llama-spm", download)
+
+
+def sdist_file(member_suffix: str, download: bool = True) -> Path:
+    """Path of the cached file `vendor/llama.cpp/models/MEMBER_SUFFIX` of the sdist."""
+    return sdist_files([member_suffix], download)[0]
+
+
+def sdist_files(member_suffixes: list[str] | tuple[str, ...], download: bool = True) -> list[Path]:
+    """Cached paths of several sdist members; the missing ones are extracted in one pass over the tarball
+    (76 MB compressed: one pass per file would take seconds each)."""
+    root = cache_dir()
+    # Cached flat under their base name ("templates/x.jinja" -> x.jinja): the names are unique in the sdist.
+    targets = {suffix: root / Path(suffix).name for suffix in member_suffixes}
+    missing = {_MODELS + suffix: path for suffix, path in targets.items() if not path.exists()}
+    if missing:
+        if not download:
+            raise ZhllamaError(f"{next(iter(missing.values()))} is not cached; run `make setup`")
+        _extract(_download_sdist(root / "downloads"), missing)
+    return list(targets.values())
+
+
+def _extract(sdist: Path, wanted: dict[str, Path]) -> None:
+    left = dict(wanted)
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar:  # streamed: stops reading the archive once everything is found
+                key = next((k for k in left if member.name.endswith("/" + k)), None)
+                if key is None or not member.isfile():
+                    continue
+                data = tar.extractfile(member).read()
+                with atomic_file(left.pop(key)) as tmp:
+                    tmp.write_bytes(data)
+                if not left:
+                    break
+    except (OSError, tarfile.TarError) as exc:
+        raise ZhllamaError(f"cannot read {sdist}: {exc}") from None
+    if left:
+        raise ZhllamaError(f"{sdist.name} does not contain {', '.join(left)}")
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -57,7 +95,7 @@ def _download_sdist(dest: Path) -> Path:
         # Only the project itself as source: ":all:" would also build its build tools (cmake, ninja) from source.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-q", "-d", tmp,
                LLAMA_CPP_SDIST]
-        print(f"fetching the Llama-2 vocabulary: {' '.join(cmd[1:])}", file=sys.stderr)
+        print(f"fetching the llama.cpp vocabularies: {' '.join(cmd[1:])}", file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
             raise ZhllamaError(f"could not download {LLAMA_CPP_SDIST} from PyPI")
         (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
@@ -65,4 +103,5 @@ def _download_sdist(dest: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(llama2_vocab_gguf())
+    for path in sdist_files(ALL_MEMBERS):
+        print(path)

@@ -3,9 +3,11 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
+from tests.conftest import bpe_vocab_gguf
 from tests.tokenizer.strings import random_strings
 from zhllama import tokenizer
 from zhllama.errors import ZhllamaError
+from zhllama.tokenizer.gguf_vocab import proto_from_gguf, read_gguf_metadata
 from zhllama.tokenizer.spm import load_proto
 
 
@@ -43,14 +45,74 @@ def test_fast_tokenizer_encodes_exactly_like_sentencepiece(llama2_dir):
     assert fast.batch_decode(fast(texts, split_special_tokens=True)["input_ids"], skip_special_tokens=True) == texts
 
 
-def test_non_spm_gguf_is_refused(tmp_path):
-    path = tmp_path / "gpt2.gguf"
+def _tiny_gguf(path, model):
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(model)
     writer.add_token_list(["a", "b"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    with pytest.raises(ZhllamaError, match="not a SentencePiece"):
+    return path
+
+
+def test_unsupported_gguf_tokenizer_type_is_refused(tmp_path):
+    path = _tiny_gguf(tmp_path / "bert.gguf", "bert")
+    with pytest.raises(ZhllamaError, match="GGUF tokenizer type is 'bert'; supported: 'llama'.*'gpt2'"):
         tokenizer.from_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bpe_gguf_is_not_rebuilt_as_sentencepiece():
+    # gpt2-type vocabularies go through tokenizer/bpe.py (test_from_gguf_bpe.py), never through a ModelProto.
+    with pytest.raises(ZhllamaError, match="not a SentencePiece"):
+        proto_from_gguf(bpe_vocab_gguf("gpt-2"))
+
+
+def test_not_a_gguf_file_is_one_line_error(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"not gguf at all")
+    with pytest.raises(ZhllamaError, match="not a readable GGUF file") as err:
+        tokenizer.from_gguf(path, tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_our_metadata_reader_equals_gguf_reader(llama2_gguf):
+    fields = gguf.GGUFReader(str(llama2_gguf)).fields
+    ours = read_gguf_metadata(llama2_gguf)
+    assert set(ours) == {k for k in fields if not k.startswith("GGUF.")}
+    for key in ours:
+        assert ours[key] == pytest.approx(fields[key].contents()), key
+
+
+def test_asset_cache_extracts_several_members_in_one_pass(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from zhllama import assets
+
+    sdist = tmp_path / "llama_cpp_python-0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in (("ggml-vocab-qwen2.gguf", b"qwen"), ("templates/x.jinja", b"{{ x }}")):
+            info = tarfile.TarInfo(f"llama_cpp_python-0.0/vendor/llama.cpp/models/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("ZHLLAMA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ZhllamaError, match="not cached; run `make setup`"):
+        assets.vocab_gguf("qwen2", download=False)
+    with pytest.raises(ZhllamaError, match="unknown vocabulary 'llama4'; known: llama-spm, llama-bpe"):
+        assets.vocab_gguf("llama4")
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(assets, "_download_sdist", lambda dest: sdist)
+    monkeypatch.setattr(assets.tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    vocab, template = assets.sdist_files(["ggml-vocab-qwen2.gguf", "templates/x.jinja"])
+    assert (vocab.read_bytes(), template.read_bytes(), len(opened)) == (b"qwen", b"{{ x }}", 1)
+    assert assets.sdist_file("templates/x.jinja", download=False) == template  # cached now
+    with pytest.raises(ZhllamaError, match="does not contain vendor/llama.cpp/models/ggml-vocab-gpt-2.gguf"):
+        assets.vocab_gguf("gpt-2")
+    assert not list((tmp_path / "cache").glob("*gpt-2*")) and not list((tmp_path / "cache").glob(".*partial*"))
+
+
+def test_cached_llama3_assets(llama3_gguf, llama3_template_jinja):
+    assert read_gguf_metadata(llama3_gguf)["tokenizer.ggml.pre"] == "llama-bpe"
+    assert "<|start_header_id|>" in llama3_template_jinja.read_text()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
 from zhllama.errors import ZhllamaError
-from zhllama.tokenizer.gguf_vocab import proto_from_gguf
+from zhllama.tokenizer import bpe_extend
+from zhllama.tokenizer import bpe
+from zhllama.tokenizer.gguf_vocab import SPM_MODEL, proto_from_gguf, read_gguf_vocab
 from zhllama.tokenizer.hf import write_hf_tokenizer
 from zhllama.tokenizer.merge import SCORE_SCHEMES, candidate_pieces, merge_protos, pad_vocab
 from zhllama.tokenizer.spm import ModelProto, load_proto, proto_sha256
@@ -26,9 +28,21 @@ MERGE_TRAINING = dict(add_dummy_prefix=False, split_by_unicode_script=False)
 
 
 def from_gguf(gguf_path: str | Path, out: str | Path) -> Path:
-    proto = proto_from_gguf(gguf_path)
-    return _write_tokenizer(proto, out, "tokenizer from-gguf", {"gguf": str(gguf_path)},
-                            {"gguf": file_sha256(gguf_path)})
+    """An HF tokenizer folder from a GGUF vocabulary: SentencePiece ("llama": tokenizer.model too) or byte-level
+    BPE ("gpt2": tokenizer.json with the pre-tokenizer that tokenizer.ggml.pre names), encoding as llama.cpp."""
+    vocab = read_gguf_vocab(gguf_path)
+    args, inputs = {"gguf": str(gguf_path)}, {"gguf": file_sha256(gguf_path)}
+    if vocab["model"] == SPM_MODEL:
+        return _write_tokenizer(proto_from_gguf(gguf_path), out, "tokenizer from-gguf", args, inputs)
+    pre = bpe.pre_type(vocab, gguf_path)  # an unknown pre type fails before any folder is made
+    with atomic_output_dir(out) as tmp:
+        bpe.write_bpe_tokenizer(vocab, gguf_path, tmp)
+        # The fingerprint zhllama.model.loading.tokenizer_sha256 gives a tokenizer.json-only folder.
+        write_provenance(tmp, "tokenizer from-gguf", args, inputs,
+                         tokenizer_sha256=file_sha256(tmp / "tokenizer.json"), tokenizer_type="byte-level-bpe",
+                         pre_tokenizer=pre, vocab_size=len(vocab["tokens"]), merges=len(vocab["merges"]),
+                         eot_token=bpe.special_tokens(vocab)["eot"])  # the chat turn end, llama.cpp's EOT
+    return Path(out)
 
 
 def train(inputs: list[str | Path], vocab_size: int, out: str | Path, standalone: bool = False) -> Path:
@@ -50,6 +64,12 @@ def train(inputs: list[str | Path], vocab_size: int, out: str | Path, standalone
 
 def merge(base: str | Path, add: str | Path, out: str | Path, scheme: str = "zh-rank",
           max_new: int | None = None) -> Path:
+    """Append `add`'s new Chinese pieces to `base`: both SentencePiece models, or both byte-level BPE
+    tokenizer.json files (then the scheme does not apply: new merges always rank after the base's)."""
+    if bpe_extend.is_bpe_base(base) or bpe_extend.is_bpe_base(add):
+        _same_kind(base, add)
+        _bpe_scheme(scheme)
+        return bpe_extend.merge_bpe(base, add, out, max_new=max_new)
     base_proto, zh_proto = load_proto(base), load_proto(add)
     merged = merge_protos(base_proto, zh_proto, scheme=scheme, max_new=max_new)
     return _write_tokenizer(
@@ -61,7 +81,14 @@ def merge(base: str | Path, add: str | Path, out: str | Path, scheme: str = "zh-
 def extend(base: str | Path, inputs: list[str | Path], vocab_size: int, out: str | Path,
            pad_to_multiple: int | None = None, scheme: str = "zh-rank", max_chars: int | None = None) -> Path:
     """Train on `inputs` and merge so that the result has exactly `vocab_size` pieces (or the next multiple
-    of `pad_to_multiple`, filled with control pieces that encoding never produces)."""
+    of `pad_to_multiple`, filled with control pieces that encoding never produces).
+
+    The base decides how: a tokenizer.model (SentencePiece, Llama-2) here; a tokenizer.json-only byte-level
+    BPE (Llama-3, Qwen2) in bpe_extend."""
+    if bpe_extend.is_bpe_base(base):
+        _bpe_scheme(scheme)
+        return bpe_extend.extend_bpe(base, inputs, vocab_size, out, pad_to_multiple=pad_to_multiple,
+                                     max_chars=max_chars)
     base_proto = load_proto(base)
     wanted = vocab_size - len(base_proto.pieces)
     if wanted <= 0:
@@ -90,6 +117,21 @@ def extend(base: str | Path, inputs: list[str | Path], vocab_size: int, out: str
             "pad_to_multiple": pad_to_multiple, "scheme": scheme}
     return _write_tokenizer(merged, out, "tokenizer extend", args, {"base": proto_sha256(base_proto)},
                             base_vocab_size=len(base_proto.pieces))
+
+
+def _same_kind(base: str | Path, add: str | Path) -> None:
+    """A SentencePiece model cannot be appended to a byte-level BPE, nor the reverse: different alphabets."""
+    kinds = {p: "a byte-level BPE tokenizer.json" if bpe_extend.is_bpe_base(p) else "a SentencePiece model"
+             for p in (base, add)}
+    if kinds[base] != kinds[add]:
+        raise ZhllamaError(f"--add {add} is {kinds[add]} but --base {base} is {kinds[base]}; "
+                           f"merge needs {kinds[base]} for both")
+
+
+def _bpe_scheme(scheme: str) -> None:
+    if scheme != "zh-rank":
+        raise ZhllamaError(f"--scheme {scheme} applies to SentencePiece bases only; a byte-level BPE base always "
+                           "ranks new merges after its own")
 
 
 def stats(tokenizers: list[str | Path], zh=None, en=None, code=None, names: list[str] | None = None):

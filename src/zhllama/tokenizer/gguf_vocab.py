@@ -1,4 +1,7 @@
-"""Rebuild a SentencePiece model from the vocabulary stored in a GGUF file (llama.cpp's "llama" SPM type)."""
+"""Read the vocabulary stored in a GGUF file: llama.cpp's "llama" (SentencePiece) or "gpt2" (byte-level BPE) type.
+
+The SPM type is rebuilt here as a SentencePiece model; the BPE type becomes a tokenizer.json in `bpe.py`.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +13,117 @@ from zhllama.tokenizer.spm import BPE, BYTE, ModelProto
 _KEY = "tokenizer.ggml."
 
 
-def read_gguf_vocab(path: str | Path) -> dict:
-    """pieces, scores, types and special ids of an SPM-type GGUF vocabulary."""
-    import gguf
+# llama.cpp's tokenizer.ggml.model values that zhllama rebuilds.
+SPM_MODEL, BPE_MODEL = "llama", "gpt2"
+
+
+# GGUF value types (ggml's gguf.h): scalar struct formats by type id; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: str | Path) -> dict:
+    """The key/value metadata of a GGUF file (the tensors are not read).
+
+    Our own reader: gguf.GGUFReader makes one numpy object per string, 19 s for Llama-3's 128k tokens and
+    280k merges against 0.3 s here. Only the metadata pages of a multi-gigabyte model file are touched (mmap).
+    """
+    import mmap
+    import struct
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueError("no GGUF magic number")
+            version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is not supported")
+            pos = 24
+
+            def string():
+                nonlocal pos
+                (n,) = struct.unpack_from("<Q", buf, pos)
+                text = buf[pos + 8:pos + 8 + n].decode("utf-8")
+                pos += 8 + n
+                return text
+
+            def value(kind):
+                nonlocal pos
+                if kind == _STRING:
+                    return string()
+                if kind == _ARRAY:
+                    item, n = struct.unpack_from("<IQ", buf, pos)
+                    pos += 12
+                    if item in _SCALARS:  # one unpack for the whole array (token types, scores)
+                        fmt = f"<{n}{_SCALARS[item]}"
+                        values = list(struct.unpack_from(fmt, buf, pos))
+                        pos += struct.calcsize(fmt)
+                        return values
+                    return [value(item) for _ in range(n)]
+                fmt = "<" + _SCALARS[kind]
+                (result,) = struct.unpack_from(fmt, buf, pos)
+                pos += struct.calcsize(fmt)
+                return result
+
+            fields = {}
+            for _ in range(n_kv):
+                key = string()
+                (kind,) = struct.unpack_from("<I", buf, pos)
+                pos += 4
+                fields[key] = value(kind)
+            return fields
+    except (OSError, ValueError, KeyError, struct.error) as exc:
         raise ZhllamaError(f"{path}: not a readable GGUF file ({exc})") from None
-    fields = reader.fields
+
+
+def read_gguf_vocab(path: str | Path) -> dict:
+    """Tokens, types, special ids (and scores or merges) of a GGUF vocabulary of either supported type.
+
+    add_bos/add_eos are None when the file does not say: llama.cpp then uses a default of the model type.
+    """
+    fields = read_gguf_metadata(path)
 
     def get(name, default=None):
-        field = fields.get(_KEY + name)
-        return default if field is None else field.contents()
+        return fields.get(_KEY + name, default)
 
     model = get("model")
-    if model != "llama":
-        raise ZhllamaError(f"{path}: GGUF tokenizer type is {model!r}, not a SentencePiece ('llama') vocabulary")
+    if model not in (SPM_MODEL, BPE_MODEL):
+        raise ZhllamaError(f"{path}: GGUF tokenizer type is {model!r}; supported: {SPM_MODEL!r} (SentencePiece), "
+                           f"{BPE_MODEL!r} (byte-level BPE)")
     tokens = get("tokens")
     if not tokens:
         raise ZhllamaError(f"{path}: GGUF file has no tokenizer.ggml.tokens")
-    scores = get("scores") or [0.0] * len(tokens)
     types = get("token_type") or [1] * len(tokens)
-    return {
+    vocab = {
+        "model": model,
         "tokens": list(tokens),
-        "scores": [float(s) for s in scores],
         "types": [int(t) for t in types],
-        "unk_id": get("unknown_token_id", 0),
-        "bos_id": get("bos_token_id", 1),
-        "eos_id": get("eos_token_id", 2),
+        "unk_id": get("unknown_token_id", 0 if model == SPM_MODEL else None),
+        "bos_id": get("bos_token_id", 1 if model == SPM_MODEL else None),
+        "eos_id": get("eos_token_id", 2 if model == SPM_MODEL else None),
+        "eot_id": get("eot_token_id"),
         "pad_id": get("padding_token_id", -1),
-        "add_space_prefix": bool(get("add_space_prefix", True)),
+        "add_bos": get("add_bos_token"),
+        "add_eos": get("add_eos_token"),
+        "chat_template": fields.get("tokenizer.chat_template"),
     }
+    if model == SPM_MODEL:
+        scores = get("scores") or [0.0] * len(tokens)
+        vocab.update(scores=[float(s) for s in scores], add_space_prefix=bool(get("add_space_prefix", True)))
+    else:
+        merges = get("merges")
+        if not merges:
+            raise ZhllamaError(f"{path}: byte-level BPE vocabulary without tokenizer.ggml.merges")
+        # A missing key is not an empty name: llama.cpp then falls back to its "default" pre-tokenizer.
+        vocab.update(merges=list(merges), pre=get("pre"))
+    return vocab
 
 
 def proto_from_gguf(path: str | Path) -> ModelProto:
     vocab = read_gguf_vocab(path)
+    if vocab["model"] != SPM_MODEL:
+        raise ZhllamaError(f"{path}: GGUF tokenizer type is {vocab['model']!r}, not a SentencePiece ('llama') "
+                           "vocabulary")
     proto = ModelProto()
     for piece, score, kind in zip(vocab["tokens"], vocab["scores"], vocab["types"], strict=True):
         new = proto.pieces.add()

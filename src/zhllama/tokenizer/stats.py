@@ -23,7 +23,8 @@ class TokenizerStats:
 
 
 class _Encoder:
-    """One interface over an HF folder (fast tokenizer) and a bare tokenizer.model (sentencepiece)."""
+    """One interface over an HF folder (tokenizer.json: SentencePiece-derived or byte-level BPE), a GGUF vocabulary
+    file and a bare tokenizer.model (sentencepiece)."""
 
     def __init__(self, source: str | Path):
         path = Path(source)
@@ -32,16 +33,23 @@ class _Encoder:
 
             self.hf = AutoTokenizer.from_pretrained(str(path))
             self.backend, self.vocab_size = "hf-fast", len(self.hf)
+        elif path.is_file() and _is_gguf(path):
+            # Built in memory by the code `tokenizer from-gguf` writes a folder with: the same ids, no folder.
+            self.hf = _gguf_tokenizer(path)
+            self.backend, self.vocab_size = "hf-fast", len(self.hf)
         elif path.is_file() or (path / "tokenizer.model").is_file():
             import sentencepiece as spm
 
             from zhllama.tokenizer.spm import model_path
 
             self.hf = None
-            self.sp = spm.SentencePieceProcessor(model_file=str(model_path(path)))
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=str(model_path(path)))
+            except (RuntimeError, OSError) as exc:  # e.g. a text file passed by mistake
+                raise ZhllamaError(f"{source}: not a GGUF file nor a readable tokenizer.model ({exc})") from None
             self.backend, self.vocab_size = "sentencepiece", self.sp.get_piece_size()
         else:
-            raise ZhllamaError(f"{source}: neither an HF tokenizer folder nor a tokenizer.model")
+            raise ZhllamaError(f"{source}: neither an HF tokenizer folder, a GGUF file nor a tokenizer.model")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.hf is not None:
@@ -52,6 +60,24 @@ class _Encoder:
         if self.hf is not None:
             return self.hf.batch_decode(ids, skip_special_tokens=True)
         return self.sp.decode(ids)
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _gguf_tokenizer(path: Path):
+    from zhllama.tokenizer import bpe, hf
+    from zhllama.tokenizer.gguf_vocab import SPM_MODEL, proto_from_gguf, read_gguf_vocab
+
+    vocab = read_gguf_vocab(path)
+    if vocab["model"] == SPM_MODEL:
+        return hf.build_fast_tokenizer(proto_from_gguf(path))
+    return bpe.build_fast_tokenizer(vocab, path)
 
 
 def measure(source: str | Path, corpora: dict[str, list[str]], name: str | None = None) -> TokenizerStats:
