@@ -124,7 +124,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     from zhllama.export.gguf import export_gguf
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
 
     work = args.work / "cpu_inference"
     work.mkdir(parents=True, exist_ok=True)

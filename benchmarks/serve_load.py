@@ -140,8 +140,7 @@ def hf_sequential(model_dir: Path, prompts: list[str], max_tokens: int, threads:
     import torch
 
     from zhllama.infer.prompt import prompt_builder
-    from zhllama.model.extend_vocab import load_model
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_model, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -168,7 +167,7 @@ def gpu_decode(model_dir: Path, max_tokens: int, bandwidth_gbs: float) -> dict:
     """Batch-1 bf16 decode tokens/s on the GPU, and the bound that streaming every weight once per token sets."""
     import torch
 
-    from zhllama.model.extend_vocab import load_model
+    from zhllama.model.loading import load_model
 
     model = load_model(model_dir, attn_implementation="sdpa", dtype=torch.bfloat16).to("cuda").eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

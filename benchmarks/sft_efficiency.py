@@ -39,7 +39,7 @@ from zhllama.data.conversations import read_conversations
 from zhllama.data.readers import ReadReport
 from zhllama.data.sft_batches import SftExamples, collate, pack_examples, padded_batch, tokenize_examples
 from zhllama.model import init_model
-from zhllama.model.init import load_tokenizer
+from zhllama.model.loading import load_tokenizer
 from zhllama.train.loop import token_loss
 from zhllama.train.varlen import register as register_varlen
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from zhllama.chat import IGNORE_INDEX, tokenize_conversation
 from zhllama.data import builtin
 from zhllama.eval.choice import choice_accuracy, score_choices
-from zhllama.model.init import load_tokenizer
+from zhllama.model.loading import load_tokenizer
 
 
 def test_scores_are_the_reply_log_probabilities(tiny_zh_model):

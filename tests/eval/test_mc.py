@@ -13,8 +13,7 @@ import torch
 from zhllama.errors import ZhllamaError
 from zhllama.eval.mc import build_prompt, encode_prompts, evaluate, run_mc, score_questions
 from zhllama.eval.mc_data import Question, SubjectInfo, read_benchmark
-from zhllama.model.init import load_tokenizer
-from zhllama.model.loading import load_checked
+from zhllama.model.loading import load_checked, load_tokenizer
 
 CEVAL_HEADER = "id,question,A,B,C,D,answer"
 CMMLU_HEADER = ",Question,A,B,C,D,Answer"

@@ -146,7 +146,7 @@ def test_questions_are_plain_text_in_the_prompt(llama2_dir):
     """A question that spells a turn ("</s><s>Assistant: ") is asked as text: the prompt has the template's EOS only."""
     from zhllama.infer.engine import Engine
     from zhllama.infer.prompt import prompt_builder
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
 
     class Recorder(Engine):  # answers every prompt with EOS at once and keeps the prompt ids
         name, context_length, eos_ids, max_tokens_limit = "recorder", 4096, [2], 4096

@@ -74,3 +74,26 @@ def trained_base(workdir, tiny_base, llama2_dir, known_texts):
     model.save_pretrained(out)
     copy_hf_tokenizer(llama2_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def llama3_hf(workdir, llama3_gguf):
+    """Llama-3's byte-level BPE tokenizer as an HF folder with tokenizer.json only (no tokenizer.model).
+
+    Built with transformers' own GGUF reader, so these tests do not depend on `tokenizer from-gguf` growing BPE
+    support. The reader appends an "<|endoftext|>" at id 128256: 128,257 tokens, which the tests take as they are.
+    """
+    import shutil
+
+    src = workdir / "llama3-gguf-src"
+    src.mkdir(exist_ok=True)
+    shutil.copy(llama3_gguf, src / "vocab.gguf")
+    out = workdir / "llama3-hf"
+    AutoTokenizer.from_pretrained(str(src), gguf_file="vocab.gguf").save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3(workdir, llama3_hf):
+    """The tiny preset at Llama-3's vocabulary: 128k embedding rows (65M of its 69M parameters)."""
+    return init_model("tiny", llama3_hf, workdir / "tiny-llama3", seed=0)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -163,10 +164,126 @@ def test_bad_arguments_are_one_line_errors(tiny_base, zh_tokenizer, workdir, tmp
         ({"model_dir": tmp_path / "missing", "tokenizer_dir": zh_tokenizer}, "does not exist"),
         ({"model_dir": tiny_base, "tokenizer_dir": tmp_path / "missing"}, "does not exist"),
         ({"model_dir": bare, "tokenizer_dir": zh_tokenizer}, "has no tokenizer.model"),
-        ({"model_dir": tiny_base, "tokenizer_dir": workdir}, "no SentencePiece tokenizer.model"),
+        ({"model_dir": tiny_base, "tokenizer_dir": workdir}, "no tokenizer.model or tokenizer.json"),
     ]
     for kwargs, expected in cases:
         with pytest.raises(ZhllamaError, match=expected) as err:
             extend_vocab(out=out, **kwargs)
         assert "\n" not in str(err.value)
     assert no_output(out)
+
+
+# Byte-level BPE (Llama-3): the new tokens are the ids past the base tokenizer.json's, spelled by the base tokenizer.
+
+BPE_WORDS = ("语言模型", "北京大学", "人工智能")
+
+
+def extend_bpe(base_dir, out, words=BPE_WORDS, special="<|zh_sep|>", swap=None, added_into_vocab=True):
+    """A copy of `base_dir`'s tokenizer.json with each word merged into one token, merge by merge from the pieces
+    the base tokenizer splits it into (every intermediate merge is a new token too), and one special token.
+    `swap` (id, id) exchanges two base tokens' ids, which makes the result no longer an extension."""
+    data = json.loads((base_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    base = AutoTokenizer.from_pretrained(str(base_dir))
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    # An added token outside the vocabulary (the GGUF reader's "<|endoftext|>" at 128256) keeps its id only while it
+    # is the vocabulary's next id; into the vocabulary it goes, so that the new tokens can follow it.
+    for added in data["added_tokens"] if added_into_vocab else []:
+        vocab.setdefault(added["content"], added["id"])
+    next_id = 1 + max(max(vocab.values()), *(a["id"] for a in data["added_tokens"]))
+    for word in words:
+        left, *rest = base.convert_ids_to_tokens(base(word, add_special_tokens=False)["input_ids"])
+        for right in rest:
+            merges.append([left, right])  # last in rank: the base's own merges all come first
+            left += right
+            if left not in vocab:
+                vocab[left], next_id = next_id, next_id + 1
+    data["added_tokens"].append({"id": next_id, "content": special, "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    if swap is not None:
+        first, second = (next(text for text, i in vocab.items() if i == j) for j in swap)
+        vocab[first], vocab[second] = vocab[second], vocab[first]
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    shutil.copy(base_dir / "tokenizer_config.json", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama3_zh(workdir, llama3_hf):
+    return extend_bpe(llama3_hf, workdir / "llama3-zh")
+
+
+@pytest.fixture(scope="module")
+def llama3_mean(workdir, tiny_llama3, llama3_zh):
+    return extend_vocab(tiny_llama3, llama3_zh, workdir / "tiny-llama3-zh-mean", init="mean")
+
+
+def test_bpe_new_rows_are_the_mean_of_the_base_split(tiny_llama3, llama3_hf, llama3_zh, llama3_mean):
+    base_tok, new_tok = AutoTokenizer.from_pretrained(str(llama3_hf)), AutoTokenizer.from_pretrained(str(llama3_zh))
+    rows = len(base_tok)
+    before, after = weights(tiny_llama3), weights(llama3_mean)
+    # 语言模型 and 北京大学 are one merge each, 人工智能 two (人工, then 人工智能), plus the special token.
+    assert len(new_tok) == rows + 5
+    for name in (EMBED, HEAD):
+        assert after[name].shape == (rows + 5, 256)
+        assert torch.equal(after[name][:rows], before[name])  # base rows kept bitwise
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in (EMBED, HEAD))
+    for word in (*BPE_WORDS, "人工"):
+        (row,) = new_tok(word, add_special_tokens=False)["input_ids"]  # the extension makes it one token
+        assert row >= rows
+        base_ids = base_tok(word, add_special_tokens=False)["input_ids"]
+        assert len(base_ids) >= 2
+        for name in (EMBED, HEAD):
+            assert torch.allclose(after[name][row], before[name][base_ids].mean(dim=0), rtol=0, atol=1e-7), word
+    # A special token never comes from text: it starts at the mean of every base row.
+    special = new_tok.convert_tokens_to_ids("<|zh_sep|>")
+    for name in (EMBED, HEAD):
+        assert torch.allclose(after[name][special], before[name].mean(dim=0), atol=1e-6)
+    record = read_provenance(llama3_mean)
+    assert record["inputs"] == {"base_tokenizer": file_sha256(llama3_hf / "tokenizer.json"),
+                                "tokenizer": file_sha256(llama3_zh / "tokenizer.json")}
+    assert (record["base_vocab_size"], record["vocab_size"]) == (rows, rows + 5)
+    model = AutoModelForCausalLM.from_pretrained(str(llama3_mean))
+    ids = new_tok("北京大学的语言模型", return_tensors="pt")["input_ids"]
+    assert ids.max() >= rows and model(ids).logits.shape[-1] == rows + 5
+
+
+def test_bpe_random_init(tiny_llama3, llama3_zh, tmp_path):
+    out = extend_vocab(tiny_llama3, llama3_zh, tmp_path / "random", init="random", seed=0)
+    new = weights(out)[EMBED]
+    assert torch.equal(new[:-5], weights(tiny_llama3)[EMBED])
+    assert 0.005 < new[-5:].std().item() < 0.05
+
+
+def test_bpe_tokenizer_that_does_not_extend_is_refused(tiny_llama3, llama3_hf, zh_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    changed = extend_bpe(llama3_hf, tmp_path / "changed", swap=(5, 6))
+    with pytest.raises(ZhllamaError) as err:
+        extend_vocab(tiny_llama3, changed, out)
+    message = str(err.value)
+    assert "\n" not in message and "does not extend" in message
+    assert "token 5 is '&' in the model but \"'\" in the new tokenizer" in message
+    with pytest.raises(ZhllamaError, match="nothing to extend"):
+        extend_vocab(tiny_llama3, llama3_hf, out)
+    # The tokenizers library moves "<|endoftext|>" (added, not in the vocabulary) onto the first new token's id.
+    clash = extend_bpe(llama3_hf, tmp_path / "clash", added_into_vocab=False)
+    with pytest.raises(ZhllamaError, match="'<|endoftext|>' both have id 128260|both have id"):
+        extend_vocab(tiny_llama3, clash, out)
+    # A SentencePiece tokenizer cannot extend a BPE one, whatever its size.
+    with pytest.raises(ZhllamaError, match="does not extend the model's tokenizer: the model's is BPE"):
+        extend_vocab(tiny_llama3, zh_tokenizer, out)
+    assert no_output(out)
+
+
+def test_bpe_tokens_that_split_a_character_are_spelled_by_their_bytes(llama3_hf, tmp_path):
+    """A byte-level token can hold part of a UTF-8 character (merging 𪚥's four bytes makes two such tokens on the
+    way); it has no text of its own, so the base BPE spells its bytes."""
+    from zhllama.model.extend_vocab import bpe_base_splits, bpe_table
+
+    base_tok = AutoTokenizer.from_pretrained(str(llama3_hf))
+    new_tok = AutoTokenizer.from_pretrained(str(extend_bpe(llama3_hf, tmp_path / "rare", words=("𪚥",))))
+    pieces = base_tok("𪚥", add_special_tokens=False)["input_ids"]
+    assert len(pieces) == 4  # one byte each in Llama-3
+    rows = len(base_tok)
+    splits = bpe_base_splits(base_tok, new_tok, bpe_table(new_tok, "rare"), rows)
+    assert splits == [pieces[:2], pieces[:3], pieces, []]  # ð+ª, then +ļ, then the whole 𪚥; the special: none

@@ -4,6 +4,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from zhllama.artifacts import file_sha256, read_provenance
+from zhllama.model.memory import estimate
 from zhllama.errors import ZhllamaError
 from zhllama.model import PRESETS, init_model, llama_config
 
@@ -16,8 +17,8 @@ def expected_params(preset, vocab: int) -> int:
 
 
 def test_presets_have_the_promised_shapes():
-    assert list(PRESETS) == ["tiny", "small", "1b", "7b"]
-    tiny, small, tinyllama, llama2 = PRESETS.values()
+    assert list(PRESETS) == ["tiny", "small", "1b", "7b", "llama3-1b", "llama3-8b"]
+    tiny, small, tinyllama, llama2, *_ = PRESETS.values()
     assert (tiny.hidden_size, tiny.intermediate_size, tiny.num_hidden_layers, tiny.head_dim) == (256, 768, 4, 64)
     assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (512, 1536, 8)
     assert (tinyllama.hidden_size, tinyllama.intermediate_size, tinyllama.num_hidden_layers,
@@ -46,8 +47,9 @@ def test_llama_config_fields(name):
     assert config.hidden_size == preset.hidden_size and config.intermediate_size == preset.intermediate_size
     assert config.num_key_value_heads == preset.num_key_value_heads
     assert config.max_position_embeddings == preset.max_position_embeddings
-    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
-    assert config.rms_norm_eps == 1e-5 and config.tie_word_embeddings is False
+    if preset.rope_scaling is None:
+        assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config.rms_norm_eps == 1e-5 and config.tie_word_embeddings is preset.tie_word_embeddings
     assert config.head_dim == preset.head_dim
 
 
@@ -101,3 +103,52 @@ def test_init_leaves_the_callers_random_state_alone(llama2_dir, tmp_path):
     torch.manual_seed(123)
     init_model("tiny", llama2_dir, tmp_path / "m", seed=7)
     assert torch.equal(torch.rand(3), expected)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(("name", "factor", "tied", "params"), [
+    ("llama3-1b", 32.0, True, 1_235_814_400),  # Llama-3.2-1B's published 1.24B
+    ("llama3-8b", 8.0, False, 8_030_261_248),  # Llama-3.1-8B's published 8.03B
+])
+def test_llama3_presets_have_the_published_shapes(name, factor, tied, params):
+    config = llama_config(name, 128_256, 128000, 128001)
+    assert config.rope_parameters == {**LLAMA3_ROPE, "factor": factor}
+    assert config.max_position_embeddings == 131_072 and config.tie_word_embeddings is tied
+    assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
+    assert config.head_dim == config.hidden_size // 32
+    assert estimate(config)["params"] == params
+    # The meta device builds the module tree without memory: the count transformers itself gives agrees.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_llama3_preset_rotary_frequencies():
+    """Llama 3.1 scaling on a real (small) build: wavelengths over 8192 tokens divided by the factor, under 2048
+    kept, the band between interpolated."""
+    config = llama_config("llama3-1b", 64, 1, 2)  # the preset's RoPE and tying on a 1-layer, 256-wide body
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 256, 1
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 64
+    model = LlamaForCausalLM(config)
+    inv_freq = model.model.rotary_emb.inv_freq
+    base = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    wavelength = 2 * torch.pi / base
+    assert torch.allclose(inv_freq[wavelength < 2048], base[wavelength < 2048])
+    assert torch.allclose(inv_freq[wavelength > 8192], base[wavelength > 8192] / 32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_tiny_model_with_llama3_vocabulary(tiny_llama3, llama3_hf):
+    """The tiny preset at 128k tokens: the embedding and output matrices are 65M of its 69M parameters (263 MB in
+    fp32), which a CPU initialises and saves in seconds."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3))
+    vocab = len(AutoTokenizer.from_pretrained(str(llama3_hf)))
+    assert model.config.vocab_size == vocab and vocab > 65536
+    assert model.get_input_embeddings().weight.shape == (vocab, 256)
+    assert sum(p.numel() for p in model.parameters()) == expected_params(PRESETS["tiny"], vocab)
+    assert read_provenance(tiny_llama3)["inputs"]["tokenizer"] == file_sha256(llama3_hf / "tokenizer.json")
+    ids = AutoTokenizer.from_pretrained(str(tiny_llama3))("中国人工智能", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], vocab)

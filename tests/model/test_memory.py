@@ -87,3 +87,9 @@ def test_cli_prints_the_table_for_the_7b_preset():
                   if line.startswith(("fp", "int", "gguf"))}  # name, bytes/param, weights GB, with 2k context
     assert weights_gb["gguf q4_0"] == pytest.approx(3.79, abs=0.01)
     assert weights_gb["int8"] == pytest.approx(7.01, abs=0.01) and weights_gb["fp16/bf16"] == pytest.approx(13.48)
+
+
+def test_llama3_presets_are_sized_with_their_own_vocabulary():
+    assert memory_report("llama3-1b").startswith("llama3-1b: 1.24B parameters (vocab 128,256,")
+    assert memory_report("llama3-8b").startswith("llama3-8b: 8.03B parameters (vocab 128,256,")
+    assert "(vocab 32,000," in memory_report("7b")  # the Llama-2 shapes keep Llama-2's vocabulary

@@ -181,7 +181,7 @@ def test_seq_len_beyond_the_model_positions_is_refused(tiny_zh_model, packed_dir
 
 
 def test_a_block_of_two_documents_gives_the_losses_of_each_document_alone(tiny_zh_model, tmp_path):
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
     from zhllama.train import IGNORE, PackedTrainData, load_for_training
 
     texts = ["今天天气很好，我们去公园散步。", "人民日报记者报道，新建的铁路今天正式通车了。"]

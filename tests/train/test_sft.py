@@ -13,7 +13,7 @@ from zhllama.config import LoraSettings, SftConfig
 from zhllama.data import builtin
 from zhllama.data.sft_batches import collate, pack_examples, tokenize_examples
 from zhllama.errors import ZhllamaError
-from zhllama.model.init import load_tokenizer
+from zhllama.model.loading import load_tokenizer
 from zhllama.runs import read_log
 from zhllama.train import sft
 from zhllama.train.loop import sample_ids, token_loss, tokens_seen

@@ -1,7 +1,8 @@
 """Tokenize documents and store them as fixed-length blocks in flat, memory-mapped shards.
 
 Format "zhllama-packed-v1" (one folder per `zhllama data pack`):
-  meta.json              tokenizer hash, BOS/EOS ids, seq_len, dtype and per-split shard lists and counts.
+  meta.json              tokenizer hash (zhllama.model.loading.tokenizer_sha256), BOS/EOS ids, seq_len, dtype
+                         and per-split shard lists and counts.
   train-00000.bin, ...   the split's token stream, raw little-endian uint16 (uint32 if the vocabulary has more
                          than 65,536 entries), at most `shard_tokens` tokens per shard.
   val-00000.bin, ...     the same for the validation split, when there is one.
@@ -29,37 +30,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
+from zhllama.artifacts import atomic_output_dir, write_provenance
 from zhllama.chat.control import encode_plain
 from zhllama.data.readers import ReadReport, iter_texts
 from zhllama.errors import ZhllamaError
+from zhllama.model.loading import load_tokenizer, tokenizer_sha256
 
 FORMAT = "zhllama-packed-v1"
 META = "meta.json"
 BATCH_DOCS = 1000  # the Rust tokenizer parallelises within a batch; 1000 docs keeps all cores busy
 VAL_MODULUS = 10_000
-
-
-def _tokenizer_sha(tokenizer_dir: str | Path) -> str:
-    path = Path(tokenizer_dir) / "tokenizer.model"
-    if not path.is_file():
-        raise ZhllamaError(f"{tokenizer_dir}: no tokenizer.model; pass a tokenizer folder written by zhllama")
-    return file_sha256(path)
-
-
-def _load_tokenizer(tokenizer_dir: str | Path):
-    from transformers import AutoTokenizer  # imported here: transformers is slow to import
-
-    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-        # A bare tokenizer.model loads, but without Llama's "▁" prefix: the ids would silently differ.
-        raise ZhllamaError(f"{tokenizer_dir}: no tokenizer_config.json; pass a complete tokenizer folder")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ZhllamaError(f"{tokenizer_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-    if tok.bos_token_id is None or tok.eos_token_id is None:
-        raise ZhllamaError(f"{tokenizer_dir}: the tokenizer has no BOS or EOS token")
-    return tok
 
 
 class _SplitWriter:
@@ -115,8 +95,10 @@ def pack(tokenizer_dir: str | Path, inputs: list[str | Path], seq_len: int, out:
         raise ZhllamaError(f"shard_tokens {shard_tokens} must be positive")
     if not inputs:
         raise ZhllamaError("no input files given")
-    sha = _tokenizer_sha(tokenizer_dir)
-    tok = _load_tokenizer(tokenizer_dir)
+    # strict: the ids go to disk, so a tokenizer without BOS/EOS or a bare tokenizer.model (no "▁" prefix
+    # handling) is refused here rather than found out in training.
+    tok = load_tokenizer(tokenizer_dir, strict=True)
+    sha = tokenizer_sha256(tokenizer_dir)  # of tokenizer.model for SentencePiece, else of tokenizer.json
     bos, eos = tok.bos_token_id, tok.eos_token_id
     dtype = np.dtype("<u2") if len(tok) <= 65536 else np.dtype("<u4")
     report = ReadReport()
@@ -291,10 +273,10 @@ class PackedData:
 
 def check_tokenizer(packed: PackedData, tokenizer_dir: str | Path) -> None:
     """Refuse to train on data packed with another tokenizer: its ids would mean other pieces."""
-    sha = _tokenizer_sha(tokenizer_dir)
+    sha = tokenizer_sha256(tokenizer_dir)
     if sha == packed.tokenizer_sha256:
         return
-    vocab = len(_load_tokenizer(tokenizer_dir))
+    vocab = len(load_tokenizer(tokenizer_dir))
     raise ZhllamaError(
         f"data in {packed.folder} was packed with tokenizer {packed.tokenizer_sha256[:12]} "
         f"(vocab {packed.meta['tokenizer_vocab_size']}) but the model's tokenizer is {sha[:12]} "

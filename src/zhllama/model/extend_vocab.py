@@ -3,6 +3,9 @@
 New rows start as the mean of the rows of the base tokens each new piece replaces ("mean"), so the model
 reads "中国" roughly as it read the bytes or characters that spelled it before, and predicts it roughly as
 likely as their average. "random" is the baseline it is measured against.
+
+Two tokenizer families: SentencePiece (tokenizer.model: ours, Llama-2) and BPE with tokenizer.json only (Llama-3's
+byte-level BPE). The model's own folder holds the base tokenizer; the new one must be of the same family.
 """
 
 from __future__ import annotations
@@ -14,30 +17,14 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
+from zhllama.artifacts import atomic_output_dir, write_provenance
 from zhllama.errors import ZhllamaError
-from zhllama.model.init import first_line, load_tokenizer, require_hf_folder
+from zhllama.model.loading import load_model, load_tokenizer, tokenizer_kind, tokenizer_sha256
 from zhllama.scoring import count_chars, pad_id, right_pad, token_nll
 from zhllama.tokenizer.hf import copy_hf_tokenizer
 from zhllama.tokenizer.spm import NORMAL, USER_DEFINED, ModelProto, load_proto
 
 INIT_METHODS = ("mean", "random")
-
-
-def load_model(model_dir: str | Path, **kwargs):
-    from transformers import AutoModelForCausalLM
-
-    model_dir = require_hf_folder(model_dir)
-    if not model_dir.is_dir():
-        raise ZhllamaError(f"model folder {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise ZhllamaError(f"{model_dir} has no config.json; not a Hugging Face model folder")
-    try:
-        # "auto" keeps the checkpoint's dtype: a bf16 7B model must not double in memory.
-        kwargs.setdefault("dtype", "auto")
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ZhllamaError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
 
 
 def check_extends(base: ModelProto, new: ModelProto, rows: int, base_name: str, new_name: str) -> None:
@@ -78,6 +65,76 @@ def base_splits(base: ModelProto, new_pieces) -> list[list[int]]:
     return splits
 
 
+def bpe_table(tok, name: str) -> list[tuple[str, str]]:
+    """Every token of a loaded BPE tokenizer by id, as (text, kind): kind "special" or "added" for added tokens, ""
+    for the model's own vocabulary (an added token that is also in the vocabulary, as Llama-3's specials are,
+    counts as added).
+
+    Read from the tokenizer as loaded, not from tokenizer.json: the tokenizers library gives an added token that is
+    not in the vocabulary the next free id, whatever id the file states, and those are the ids the model sees.
+    """
+    from tokenizers.models import BPE
+
+    backend = tok.backend_tokenizer
+    if not isinstance(backend.model, BPE):
+        raise ZhllamaError(f"{name}: a {type(backend.model).__name__} tokenizer; model extend-vocab takes "
+                           "SentencePiece (tokenizer.model) or BPE tokenizers")
+    table: dict[int, tuple[str, str]] = {}
+    for text, i in backend.get_vocab(with_added_tokens=True).items():
+        if i in table:
+            raise ZhllamaError(f"{name}: tokens {table[i][0]!r} and {text!r} both have id {i}; the tokenizer.json "
+                               "gives an added token an id the vocabulary already uses")
+        table[i] = (text, "")
+    for i, added in backend.get_added_tokens_decoder().items():
+        table[i] = (added.content, "special" if added.special else "added")
+    if sorted(table) != list(range(len(table))):
+        raise ZhllamaError(f"{name}: token ids are not 0..{len(table) - 1} without gaps")
+    return [table[i] for i in range(len(table))]
+
+
+def check_extends_bpe(base: list[tuple[str, str]], new: list[tuple[str, str]], rows: int, base_name: str,
+                      new_name: str) -> None:
+    """Raise unless `new` keeps the first `rows` tokens of `base` exactly: same id, text and added/special kind."""
+    if len(base) != rows:
+        raise ZhllamaError(f"{base_name} has {len(base)} tokens but the model has {rows} embedding rows; "
+                           f"the model folder needs the tokenizer it was trained with")
+
+    def show(token: tuple[str, str]) -> str:
+        return repr(token[0]) + (f" ({token[1]})" if token[1] else "")
+
+    for i, (old, fresh) in enumerate(zip(base, new, strict=False)):
+        if old != fresh:
+            raise ZhllamaError(f"tokenizer {new_name} does not extend the model's tokenizer ({rows} tokens -> "
+                               f"{len(new)}): token {i} is {show(old)} in the model but {show(fresh)} in the new "
+                               "tokenizer")
+    if len(new) <= rows:
+        relation = "the same number as" if len(new) == rows else "fewer than"
+        raise ZhllamaError(f"new tokenizer {new_name} has {len(new)} pieces, {relation} the model's "
+                           f"{rows} embedding rows; nothing to extend")
+
+
+def bpe_base_splits(base_tok, new_tok, new_table: list[tuple[str, str]], rows: int) -> list[list[int]]:
+    """For each new BPE token (ids from `rows` on), the base ids that spell its text; [] where there is none.
+
+    A vocabulary token's text is the token decoded (byte-level "ä¸ŃåĽ½" is "中国"), encoded by the base tokenizer
+    without BOS. A token that is only part of a UTF-8 character decodes to U+FFFD, so its own symbols go through the
+    base BPE model instead (the merges alone, no pre-tokenizer), which splits the same bytes. Special added tokens
+    never come from text, so they have no spelling, as SentencePiece control pieces.
+    """
+    base_model = base_tok.backend_tokenizer.model
+    splits = []
+    for i, (token, kind) in enumerate(new_table[rows:], start=rows):
+        if kind == "special":
+            splits.append([])
+            continue
+        text = token if kind == "added" else new_tok.backend_tokenizer.decode([i], skip_special_tokens=False)
+        if text and "\ufffd" not in text:
+            splits.append(list(base_tok(text, add_special_tokens=False)["input_ids"]))
+        else:
+            splits.append([t.id for t in base_model.tokenize(token)])
+    return splits
+
+
 @torch.no_grad()
 def _fill_mean(weight: torch.Tensor, rows: int, splits: list[list[int]]) -> None:
     base = weight[:rows].float()  # average in float32 even for a bf16 checkpoint
@@ -101,18 +158,31 @@ def extend_vocab(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Pa
     for folder, what in ((model_dir, "model"), (tokenizer_dir, "tokenizer")):
         if not folder.is_dir():
             raise ZhllamaError(f"{what} folder {folder} does not exist")
-    if not (model_dir / "tokenizer.model").is_file():
-        raise ZhllamaError(f"{model_dir} has no tokenizer.model; copy the SentencePiece tokenizer the model "
+    if not any((model_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise ZhllamaError(f"{model_dir} has no tokenizer.model or tokenizer.json; copy the tokenizer the model "
                            f"was trained with into it, so the new tokenizer can be checked against it")
-    base, new = load_proto(model_dir), load_proto(tokenizer_dir)
+    kind, new_kind = tokenizer_kind(model_dir), tokenizer_kind(tokenizer_dir)
+    if kind != new_kind:
+        names = {"spm": "SentencePiece (tokenizer.model)", "bpe": "BPE (tokenizer.json only)"}
+        raise ZhllamaError(f"tokenizer {tokenizer_dir} does not extend the model's tokenizer: the model's is "
+                           f"{names[kind]}, the new one {names[new_kind]}")
     model = load_model(model_dir)
     rows = model.get_input_embeddings().weight.shape[0]
-    check_extends(base, new, rows, f"{model_dir}/tokenizer.model", str(tokenizer_dir))
-    # The HF files must agree with the proto, or ids from AutoTokenizer would index the wrong rows.
-    new_size = len(load_tokenizer(tokenizer_dir))
-    if new_size != len(new.pieces):
-        raise ZhllamaError(f"{tokenizer_dir}: tokenizer.model has {len(new.pieces)} pieces but the Hugging Face "
-                           f"tokenizer files have {new_size} tokens")
+    new_tok = load_tokenizer(tokenizer_dir)
+    new_size = len(new_tok)
+    if kind == "spm":
+        base, new = load_proto(model_dir), load_proto(tokenizer_dir)
+        check_extends(base, new, rows, f"{model_dir}/tokenizer.model", str(tokenizer_dir))
+        new_count = len(new.pieces)
+    else:
+        base_tok = load_tokenizer(model_dir)
+        base_table, new_table = bpe_table(base_tok, str(model_dir)), bpe_table(new_tok, str(tokenizer_dir))
+        check_extends_bpe(base_table, new_table, rows, f"{model_dir}/tokenizer.json", str(tokenizer_dir))
+        new_count = len(new_table)
+    # The HF files must agree with the vocabulary file, or ids from AutoTokenizer would index the wrong rows.
+    if new_size != new_count:
+        raise ZhllamaError(f"{tokenizer_dir}: {'tokenizer.model' if kind == 'spm' else 'tokenizer.json'} has "
+                           f"{new_count} pieces but the Hugging Face tokenizer files have {new_size} tokens")
 
     model.resize_token_embeddings(new_size, mean_resizing=False)
     model.config.vocab_size = new_size
@@ -121,7 +191,10 @@ def extend_vocab(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Pa
     if head is not None and head.weight.data_ptr() != matrices[0].data_ptr():  # tied weights: fill once
         matrices.append(head.weight)
     if init == "mean":
-        splits = base_splits(base, new.pieces[rows:])
+        if kind == "spm":
+            splits = base_splits(base, new.pieces[rows:])
+        else:
+            splits = bpe_base_splits(base_tok, new_tok, new_table, rows)
         for weight in matrices:
             _fill_mean(weight, rows, splits)
     else:
@@ -135,8 +208,7 @@ def extend_vocab(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Pa
         write_provenance(
             tmp, "model extend-vocab",
             {"model": model_dir, "tokenizer": tokenizer_dir, "init": init, "seed": seed},
-            {"base_tokenizer": file_sha256(model_dir / "tokenizer.model"),
-             "tokenizer": file_sha256(tokenizer_dir / "tokenizer.model")},
+            {"base_tokenizer": tokenizer_sha256(model_dir), "tokenizer": tokenizer_sha256(tokenizer_dir)},
             base_vocab_size=rows, vocab_size=new_size)
     return Path(out)
 

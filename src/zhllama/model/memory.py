@@ -85,7 +85,7 @@ def estimate(config) -> dict:
 
 
 def load_shape_config(model_or_preset: str):
-    """The config of an HF model folder, or of a preset (with Llama-2's vocabulary)."""
+    """The config of an HF model folder, or of a preset (with its published vocabulary, else Llama-2's)."""
     from zhllama.model.presets import PRESETS, llama_config
 
     path = Path(model_or_preset)
@@ -99,7 +99,8 @@ def load_shape_config(model_or_preset: str):
         except (OSError, ValueError) as exc:
             raise ZhllamaError(f"{path}: cannot read config.json ({str(exc).splitlines()[0]})") from None
     if model_or_preset in PRESETS:
-        return llama_config(model_or_preset, PRESET_VOCAB, 1, 2)
+        # Llama-3 shapes come with their own 128k vocabulary; the others are sized with Llama-2's.
+        return llama_config(model_or_preset, PRESETS[model_or_preset].vocab_size or PRESET_VOCAB, 1, 2)
     raise ZhllamaError(f"--model {model_or_preset!r} is neither a model folder nor a preset "
                        f"({', '.join(PRESETS)})")
 

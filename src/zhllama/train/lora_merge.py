@@ -67,7 +67,7 @@ def merge_adapters(base_dir: str | Path, adapters: list[str | Path], out: str | 
     """Apply each adapter in turn and fold it into the weights; write a standalone HF folder."""
     from peft import PeftModel
 
-    from zhllama.model.extend_vocab import load_model
+    from zhllama.model.loading import load_model
 
     base_dir, out = Path(base_dir), Path(out)
     if not adapters:

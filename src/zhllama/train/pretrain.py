@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zhllama.artifacts import file_sha256, make_dir, write_provenance
+from zhllama.artifacts import make_dir, write_provenance
 from zhllama.config import TrainConfig, to_dict
 from zhllama.errors import ZhllamaError
+from zhllama.model.loading import tokenizer_sha256
 from zhllama.runs import latest_checkpoint
 from zhllama.train.loop import IGNORE, token_loss, train_loop, val_index_batches
 from zhllama.train.run import check_run_dir, finish_run, load_for_training
@@ -99,7 +100,7 @@ def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: 
     model = prepare_trainable(base, cfg)
     data = PackedTrainData(data_dir, seq_len, cfg.reset_position_ids)
     args = {"model": str(model_dir), "data": str(data_dir), "config": to_dict(cfg), "resume": resume}
-    inputs = {"tokenizer": file_sha256(model_dir / "tokenizer.model"), "data_tokenizer": packed.tokenizer_sha256}
+    inputs = {"tokenizer": tokenizer_sha256(model_dir), "data_tokenizer": packed.tokenizer_sha256}
     write_provenance(out, "train pretrain", args, inputs)
     result = train_loop(model, data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
     import torch.distributed as dist

@@ -23,7 +23,7 @@ def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = F
     ``rope``/``rope_factor`` scale RoPE in the config before the weights load (zhllama.model.rope): the longer
     ``seq_len`` is then allowed, and the saved model keeps the scaling in its config.json.
     """
-    from zhllama.model.extend_vocab import load_model  # one place that turns load failures into errors
+    from zhllama.model.loading import load_model  # one place that turns load failures into errors
     from zhllama.model.rope import scaled_config
 
     config = scaled_config(model_dir, rope, rope_factor)

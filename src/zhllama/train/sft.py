@@ -17,7 +17,7 @@ from zhllama import scoring
 from zhllama.artifacts import file_sha256, make_dir, write_json_atomic, write_provenance
 from zhllama.config import SftConfig, to_dict
 from zhllama.errors import ZhllamaError
-from zhllama.model.loading import check_model_vocab
+from zhllama.model.loading import check_model_vocab, load_tokenizer, tokenizer_sha256
 from zhllama.runs import latest_checkpoint
 from zhllama.train.loop import train_loop, val_index_batches
 from zhllama.train.run import check_run_dir, finish_run, load_for_training
@@ -78,11 +78,10 @@ def prepare_sft_data(model_dir: Path, data: list[str | Path], cfg: SftConfig, pr
     from zhllama.data.conversations import read_conversations
     from zhllama.data.readers import ReadReport
     from zhllama.data.sft_batches import tokenize_examples
-    from zhllama.model.init import load_tokenizer
 
     template = get_template(cfg.template) if cfg.template else None
     if template is None:
-        raise ZhllamaError("SFT needs a chat template: pass --template (atom, llama2 or chatml) or set it in "
+        raise ZhllamaError("SFT needs a chat template: pass --template (atom, llama2, chatml or llama3) or set it in "
                            "the recipe")
     if not cfg.seq_len or cfg.seq_len < 8:
         raise ZhllamaError(f"seq_len must be at least 8 for SFT, got {cfg.seq_len}")
@@ -110,7 +109,6 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
     import torch.distributed as dist
 
     from zhllama.chat import get_template
-    from zhllama.model.init import tokenizer_sha256
 
     model_dir, out = Path(model_dir), Path(out)
     if cfg.trainable == "qlora":
