@@ -69,7 +69,7 @@ class LoraSettings:
 class LoadConfig:
     """How a model is loaded for generation or scoring (every command that runs a model)."""
 
-    template: str | None = option(None, help="atom|llama2|chatml, when the model has no chat_template of its own")
+    template: str | None = option(None, help="atom|llama2|chatml|llama3, if the model has no chat_template of its own")
     device: str = option("auto", help="auto|cpu|cuda")
     quantize: str | None = option(None, help="int8|int4 (GPU: bitsandbytes; CPU: int8 dynamic)")
     rope: str | None = rope_option()
@@ -142,7 +142,7 @@ class TrainConfig:
 class SftConfig(TrainConfig):
     """Supervised fine-tuning: the pretraining settings plus what turns conversations into batches."""
 
-    template: str | None = option(None, help="atom|llama2|chatml (required, from the recipe or this flag)")
+    template: str | None = option(None, help="atom|llama2|chatml|llama3 (required, from the recipe or this flag)")
     seq_len: int | None = option(1024, help="tokens per row; longer conversations lose their oldest turns")
     packing: bool = option(True, flag="--packing/--no-packing", help="several conversations per row")
     train_on_prompt: bool = option(False, flag="--train-on-prompt/--mask-prompt",

@@ -20,6 +20,8 @@ from zhllama.chat import (
 from zhllama.errors import ZhllamaError
 
 NAMES = sorted(TEMPLATES)
+# The templates of the Llama-2 vocabulary these tests tokenize with; llama3 has its own tests (test_llama3.py).
+LLAMA2_NAMES = ["atom", "chatml", "llama2"]
 
 CONV = [
     {"role": "system", "content": "你是一个乐于助人的助手。"},
@@ -44,15 +46,25 @@ EXPECTED = {
         "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n你好！有什么可以帮你？<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nIt is 4.<|im_end|>\n"
     ),
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n你是一个乐于助人的助手。<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n你好<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n你好！有什么可以帮你？<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 4.<|eot_id|>"
+    ),
 }
 
 EXPECTED_TARGETS = {
     "atom": ["你好！有什么可以帮你？\n</s>", "It is 4.\n</s>"],
     "llama2": ["你好！有什么可以帮你？ </s>", "It is 4. </s>"],
     "chatml": ["你好！有什么可以帮你？<|im_end|>", "It is 4.<|im_end|>"],
+    "llama3": ["你好！有什么可以帮你？<|eot_id|>", "It is 4.<|eot_id|>"],
 }
 
-GEN_SUFFIX = {"atom": "<s>Assistant: ", "llama2": "", "chatml": "<|im_start|>assistant\n"}
+GEN_SUFFIX = {"atom": "<s>Assistant: ", "llama2": "", "chatml": "<|im_start|>assistant\n",
+              "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n"}
 
 PIECES = ["你好", "今天天气怎么样？", "hello", "world", " ", "\n", "  spaced  ", "数学", "1+1=2", "Python 代码", "！"]
 PIECES += ["é", "\t"]
@@ -150,7 +162,7 @@ def test_jinja_refuses_bad_conversations(name):
         t.render(ended, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LLAMA2_NAMES)
 def test_apply_chat_template_parity(name, tok, tmp_path):
     t = get_template(name)
     register_chat_template(tok, t)
@@ -171,7 +183,7 @@ def test_apply_chat_template_parity(name, tok, tmp_path):
             assert ids == tokenize_conversation(loaded, t, msgs)["input_ids"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LLAMA2_NAMES)
 def test_segment_ids_concatenate_to_whole(name, tok):
     """Offsets-based labelling keeps the ids of the whole text; check BOS/EOS really are special ids there."""
     t = get_template(name)
@@ -199,7 +211,7 @@ def target_runs(labels):
     return runs
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LLAMA2_NAMES)
 def test_labels_cover_exactly_assistant_replies(name, tok):
     t = get_template(name)
     enc = tokenize_conversation(tok, t, CONV)
@@ -214,7 +226,7 @@ def test_labels_cover_exactly_assistant_replies(name, tok):
         assert len(eos_labelled) == 2
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LLAMA2_NAMES)
 def test_labels_without_system_and_single_turn(name, tok):
     t = get_template(name)
     msgs = CONV[1:3]
@@ -225,13 +237,13 @@ def test_labels_without_system_and_single_turn(name, tok):
     assert len(runs) == 1
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LLAMA2_NAMES)
 def test_train_on_prompt_labels_everything(name, tok):
     enc = tokenize_conversation(tok, name, CONV, train_on_prompt=True)
     assert enc["labels"] == enc["input_ids"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LLAMA2_NAMES)
 def test_truncation_drops_oldest_turns(name, tok):
     t = get_template(name)
     msgs = [CONV[0]]

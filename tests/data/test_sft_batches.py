@@ -10,7 +10,7 @@ from zhllama.chat import IGNORE_INDEX, tokenize_conversation
 from zhllama.data.conversations import read_conversations
 from zhllama.data.sft_batches import SftExamples, collate, pack_examples, padded_batch, tokenize_examples
 from zhllama.errors import ZhllamaError
-from zhllama.model.init import load_tokenizer
+from zhllama.model.loading import load_tokenizer
 
 
 def conv(*texts, system=None):
@@ -113,3 +113,9 @@ def test_collate_of_real_examples_keeps_every_target(tok):
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == ex.counts()["target_tokens"]
     assert batch["input_ids"].shape[1] <= 48
     assert torch.equal(batch["input_ids"][batch["labels"] != IGNORE_INDEX], batch["labels"][batch["labels"] != -100])
+
+
+def test_a_template_whose_special_tokens_the_tokenizer_lacks_is_named(tok):
+    # Llama-2's vocabulary has no <|eot_id|>: the error names the template, not a "too long" turn.
+    with pytest.raises(ZhllamaError, match="chat template llama3 needs the special tokens"):
+        tokenize_examples(tok, "llama3", [conv("a", "b")], 64, progress=False)

@@ -8,7 +8,7 @@ from zhllama.chat import TEMPLATES, tokenize_conversation
 from zhllama.errors import ZhllamaError
 from zhllama.infer.prompt import prompt_builder
 from zhllama.infer.stream import REPLACEMENT, IncrementalDecoder, StopStrings
-from zhllama.model.init import load_tokenizer
+from zhllama.model.loading import load_tokenizer
 from zhllama.tokenizer.hf import set_chat_template
 
 TEXT = "中文流式输出：𠀀𪚥（扩展B）😀👍🏽 emoji、繁體字與 English words,  two spaces\n代码 `x = 1` 结束。"
@@ -98,7 +98,7 @@ def test_prompt_length_error_or_truncation_by_turns(tok):
 
 def test_truncation_cuts_the_fewest_turns_in_few_tokenizations(llama2_dir):
     from zhllama.infer.prompt import prompt_builder
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(llama2_dir)
     builder = prompt_builder(tokenizer, "atom")

@@ -60,10 +60,11 @@ def _patterns(tokens: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
     return control, markers
 
 
-def marker(tokenizer: Any) -> Callable[[str], str]:
+def marker(tokenizer: Any, tokens: tuple[str, ...] | None = None) -> Callable[[str], str]:
     """The function that marks text for this tokenizer (looking the control tokens up once per conversation, not
-    once per message: it is a tenth of the time of tokenizing a short conversation)."""
-    control, _ = _patterns(control_tokens(tokenizer))
+    once per message: it is a tenth of the time of tokenizing a short conversation; a caller that has already
+    looked them up passes ``tokens``)."""
+    control, _ = _patterns(control_tokens(tokenizer) if tokens is None else tokens)
     wrapped = f"{START}\\g<0>{END}"
 
     def mark_text(text: str) -> str:

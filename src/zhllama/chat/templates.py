@@ -18,14 +18,18 @@ Conventions shared by all templates:
 * ``add_generation_prompt=True`` appends the assistant header; it requires the conversation to end with a user
   message (both the Python and the Jinja rendering refuse otherwise). For ``llama2`` the prompt already ends with
   ``[/INST]``, so the flag adds nothing.
+* ``specials``: the control tokens a template writes that must be special tokens of the tokenizer; as plain text
+  the model would learn a format nobody else reads, so ``check_template_tokens`` refuses (llama3 on Llama-2's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
+from zhllama.chat.control import control_tokens
 from zhllama.errors import ZhllamaError
 from zhllama.scoring import IGNORE as IGNORE_INDEX  # noqa: F401  (re-exported: the label of a non-target token)
 
@@ -93,27 +97,38 @@ class ChatTemplate:
     """One chat format: Python segment rendering plus the equivalent Jinja ``chat_template``.
 
     ``stop`` is the end-of-turn marker(s) that close every assistant reply; a server stops generating there.
+    ``specials`` are the control tokens the tokenizer must have as special tokens; ``variables`` the template
+    variables ``render`` takes, with the defaults the Jinja also uses.
     """
 
     name: str
     jinja: str
     stop: tuple[str, ...]
     description: str
-    _build: Callable[[str | None, list[Turn], bool], Segments] = field(repr=False, compare=False)
+    _build: Callable[..., Segments] = field(repr=False, compare=False)
+    specials: tuple[str, ...] = ()
+    variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
-    def render_segments(self, messages: Any, add_generation_prompt: bool = False) -> Segments:
+    def render_segments(self, messages: Any, add_generation_prompt: bool = False, **variables: str) -> Segments:
         """Text segments with a flag "is an assistant target" (reply text plus its end-of-turn marker)."""
         system, turns = _split(messages)
-        return self._segments(system, turns, add_generation_prompt)
+        return self._segments(system, turns, add_generation_prompt, **variables)
 
-    def render(self, messages: Any, add_generation_prompt: bool = False) -> str:
-        """The full prompt text; identical to rendering ``self.jinja`` with ``apply_chat_template``."""
-        return "".join(text for text, _ in self.render_segments(messages, add_generation_prompt))
+    def render(self, messages: Any, add_generation_prompt: bool = False, **variables: str) -> str:
+        """The full prompt text; identical to rendering ``self.jinja`` with ``apply_chat_template`` (with the same
+        template variables, e.g. ``date_string=`` for llama3)."""
+        return "".join(text for text, _ in self.render_segments(messages, add_generation_prompt, **variables))
 
-    def _segments(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
+    def _segments(self, system: str | None, turns: list[Turn], add_generation_prompt: bool,
+                  **variables: str) -> Segments:
         if add_generation_prompt and turns[-1][1] is not None:
             raise ZhllamaError("add_generation_prompt needs a conversation that ends with a user message")
-        return [(text, target) for text, target in self._build(system, turns, add_generation_prompt) if text]
+        for key, value in variables.items():
+            if key not in self.variables or not isinstance(value, str):
+                takes = f"the string variables {', '.join(self.variables)}" if self.variables else "no variables"
+                raise ZhllamaError(f"chat template {self.name} takes {takes}, not {key}={value!r}")
+        segs = self._build(system, turns, add_generation_prompt, **{**self.variables, **variables})
+        return [(text, target) for text, target in segs if text]
 
 
 # Jinja pieces shared by all templates. Rendered by transformers with trim_blocks/lstrip_blocks; we also use
@@ -225,9 +240,10 @@ _LLAMA2_JINJA = (
 
 
 def _chatml(system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
-    """ChatML. ``<|im_start|>`` and ``<|im_end|>`` are not in the Llama vocabulary, so here they are plain text
-    (several ordinary tokens each); registering them as special tokens is a later step. The target is the reply
-    plus ``<|im_end|>``; the newline after it is not."""
+    """ChatML. A tokenizer that has ``<|im_start|>`` and ``<|im_end|>`` as special tokens (Qwen2's) encodes each as
+    one id, since rendered text is tokenized with its special tokens recognised; the Llama-2 vocabulary has neither,
+    so there they stay plain text (several ordinary tokens each) and ChatML still works, as it always did. Hence
+    no ``specials``. The target is the reply plus ``<|im_end|>``; the newline after it is not."""
     segs: Segments = []
     if system is not None:
         segs.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
@@ -259,6 +275,59 @@ _CHATML_JINJA = (
 )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# llama3: Meta's Llama 3.1/3.2/3.3 Instruct format, conversations without tools
+
+LLAMA3_DATE = "26 Jul 2024"  # the Today Date Meta's 3.1 template writes when no date_string is given
+L3_BOS, L3_EOT = "<|begin_of_text|>", "<|eot_id|>"
+
+
+def _l3_header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def _llama3(system: str | None, turns: list[Turn], add_generation_prompt: bool, date_string: str) -> Segments:
+    """Exactly Meta's template without tools: a system block is always written (the system message, stripped, may
+    be empty), with the knowledge cut-off and ``date_string``; every message's content is stripped (Jinja ``trim``
+    is ``str.strip``). The target is the stripped reply plus ``<|eot_id|>``. (Meta's 3.2/3.3 templates write
+    today's date when given none; we keep 3.1's fixed default, so that serving sees the text training saw.)"""
+    segs: Segments = [(L3_BOS + _l3_header("system") + "Cutting Knowledge Date: December 2023\n"
+                       f"Today Date: {date_string}\n\n{(system or '').strip()}{L3_EOT}", False)]
+    for user, reply in turns:
+        segs.append((_l3_header("user") + user.strip() + L3_EOT, False))
+        if reply is not None:
+            segs.append((_l3_header("assistant"), False))
+            segs.append((reply.strip() + L3_EOT, True))
+    if add_generation_prompt:
+        segs.append((_l3_header("assistant"), False))
+    return segs
+
+
+# The literal <|begin_of_text|>, not Meta's bos_token (as the others write <s>): a tokenizer may name no BOS.
+_LLAMA3_JINJA = (
+    _J_PRELUDE
+    + r"""{%- if date_string is not defined -%}
+{%- set date_string = '""" + LLAMA3_DATE + r"""' -%}
+{%- endif -%}
+{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' -}}
+{{- 'Cutting Knowledge Date: December 2023\nToday Date: ' + date_string + '\n\n' -}}
+{%- if system_message is not none -%}
+{{- system_message | trim -}}
+{%- endif -%}
+{{- '<|eot_id|>' -}}
+{%- for message in loop_messages -%}
+"""
+    + _J_CHECK
+    + r"""{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}
+{{- (message['content'] | trim) + '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+{%- endif -%}
+"""
+)
+
+
 TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
@@ -269,6 +338,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             description="<s>Human: …\\n</s><s>Assistant: …\\n</s> (Atom/FlagAlpha Llama2-Chinese); "
             "a system message becomes <s>System: …\\n</s> first",
             _build=_atom,
+            specials=("<s>", "</s>"),
         ),
         ChatTemplate(
             name="llama2",
@@ -276,13 +346,25 @@ TEMPLATES: dict[str, ChatTemplate] = {
             stop=("</s>",),
             description="Meta's Llama-2-chat: <s>[INST] <<SYS>>\\n…\\n<</SYS>>\\n\\n… [/INST] … </s>",
             _build=_llama2,
+            specials=("<s>", "</s>"),
         ),
         ChatTemplate(
             name="chatml",
             jinja=_CHATML_JINJA,
             stop=("<|im_end|>",),
-            description="ChatML: <|im_start|>role\\n…<|im_end|>\\n (markers are plain text in the Llama vocabulary)",
+            description="ChatML: <|im_start|>role\\n…<|im_end|>\\n (markers are single tokens where the vocabulary "
+            "has them, Qwen2's; plain text in Llama-2's)",
             _build=_chatml,
+        ),
+        ChatTemplate(
+            name="llama3",
+            jinja=_LLAMA3_JINJA,
+            stop=(L3_EOT,),
+            description="Meta's Llama 3.1/3.2/3.3 Instruct: <|begin_of_text|><|start_header_id|>role"
+            "<|end_header_id|>\\n\\n…<|eot_id|>, with Meta's system block (date_string, default 26 Jul 2024)",
+            _build=_llama3,
+            specials=(L3_BOS, "<|start_header_id|>", "<|end_header_id|>", L3_EOT),
+            variables=MappingProxyType({"date_string": LLAMA3_DATE}),  # read-only: TEMPLATES is shared
         ),
     )
 }
@@ -298,10 +380,26 @@ def get_template(name: str | ChatTemplate) -> ChatTemplate:
         raise ZhllamaError(f"unknown chat template {name!r}; known templates: {', '.join(sorted(TEMPLATES))}") from None
 
 
+def check_template_tokens(tokenizer: Any, template: str | ChatTemplate,
+                          tokens: tuple[str, ...] | None = None) -> ChatTemplate:
+    """The template, if the tokenizer has each of its ``specials`` as a special or added token (``tokens``: its
+    ``control_tokens``, when already looked up), else a one-line ZhllamaError naming them. Not "encodes to one id":
+    a plain piece spelled ``<s>`` (Qwen2 has one) does, but it is not the BOS the template means."""
+    tpl = get_template(template)
+    if tpl.specials:
+        have = set(control_tokens(tokenizer) if tokens is None else tokens)
+        missing = [t for t in tpl.specials if t not in have]
+        if missing:
+            raise ZhllamaError(f"chat template {tpl.name} needs the special tokens {', '.join(missing)}, which this "
+                               "tokenizer does not have; choose a template made for its vocabulary")
+    return tpl
+
+
 def register_chat_template(tokenizer: Any, template: str | ChatTemplate) -> Any:
     """Store the template's Jinja as ``tokenizer.chat_template`` (saved by ``save_pretrained``); returns the tokenizer.
+    A template whose special tokens the tokenizer lacks is refused (``check_template_tokens``).
 
     For a folder written by ``zhllama.tokenizer.hf.write_hf_tokenizer``, pass ``chat_template=get_template(n).jinja``.
     """
-    tokenizer.chat_template = get_template(template).jinja
+    tokenizer.chat_template = check_template_tokens(tokenizer, template).jinja
     return tokenizer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from zhllama.chat.control import encode_marked, marker
-from zhllama.chat.templates import IGNORE_INDEX, ChatTemplate, Segments, _split, get_template
+from zhllama.chat.control import control_tokens, encode_marked, marker
+from zhllama.chat.templates import IGNORE_INDEX, ChatTemplate, Segments, _split, check_template_tokens
 from zhllama.errors import ZhllamaError
 
 
@@ -42,6 +42,7 @@ def tokenize_conversation(
     messages: Any,
     max_len: int | None = None,
     train_on_prompt: bool = False,
+    **variables: str,
 ) -> dict[str, Any]:
     """Token ids and labels of a conversation for SFT.
 
@@ -49,18 +50,21 @@ def tokenize_conversation(
     registered (and without the flag, when no message holds a control token string). ``labels`` hold the ids of
     every assistant reply with its end-of-turn marker and -100 elsewhere (all ids when ``train_on_prompt``). With
     ``max_len``, the oldest whole turns (user + assistant, the system message is kept) are dropped until the
-    conversation fits; ``dropped_turns`` says how many. If the last turn alone does not fit, ZhllamaError is raised.
+    conversation fits; ``dropped_turns`` says how many. If the last turn alone does not fit, ZhllamaError is raised,
+    as it is when the tokenizer lacks the template's special tokens (``check_template_tokens``; a caller looping
+    over many conversations checks once, before the loop). ``variables`` are the template's (``date_string``).
     """
-    tpl = get_template(template)
+    tokens = control_tokens(tokenizer)  # once: with Llama-3's 256 added tokens the lookup costs more than encoding
+    tpl = check_template_tokens(tokenizer, template, tokens)
     system, turns = _split(messages)
-    mark = marker(tokenizer)  # message content is plain text: only the template writes control tokens
+    mark = marker(tokenizer, tokens)  # message content is plain text: only the template writes control tokens
     system = None if system is None else mark(system)
     turns = [(mark(user), None if reply is None else mark(reply)) for user, reply in turns]
     if max_len is not None and max_len < 1:
         raise ZhllamaError(f"max_len must be positive, got {max_len}")
     dropped = 0
     while True:
-        ids, labels = _encode(tokenizer, tpl._segments(system, turns, False), train_on_prompt)
+        ids, labels = _encode(tokenizer, tpl._segments(system, turns, False, **variables), train_on_prompt)
         if max_len is None or len(ids) <= max_len:
             return {"input_ids": ids, "labels": labels, "dropped_turns": dropped}
         if len(turns) == 1:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zhllama.chat import IGNORE_INDEX, ChatTemplate, get_template, tokenize_conversation
+from zhllama.chat import IGNORE_INDEX, ChatTemplate, check_template_tokens, tokenize_conversation
 from zhllama.errors import ZhllamaError
 
 
@@ -68,7 +68,7 @@ def tokenize_examples(tokenizer, template: str | ChatTemplate, conversations: li
     The first label of every example is ignored: no token before it belongs to the same conversation, and in a
     packed row the previous conversation must not learn to predict it.
     """
-    template = get_template(template)
+    template = check_template_tokens(tokenizer, template)  # before the loop that reads errors as too-long turns
     out = SftExamples(conversations=len(conversations))
     for messages in tqdm(conversations, desc="tokenizing", disable=not progress or None, leave=False):
         if messages and messages[-1]["role"] == "user":

@@ -30,7 +30,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.infer.engine import Engine, Sink
 from zhllama.infer.params import SamplingParams
 from zhllama.infer.prompt import end_of_turn_ids, prompt_builder
-from zhllama.model.init import GGUF_MAGIC, is_gguf
+from zhllama.model.loading import GGUF_MAGIC, is_gguf
 
 DEFAULT_MAX_CONTEXT = 4096  # the KV cache is allocated up front: a 32k-context model must not take 32k by default
 LLAMA_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"; our seeds map below it
@@ -277,7 +277,7 @@ def _tokenizer(path: Path, chat_template: str | None):
     file's path, size and modification time and reused on the next start.
     """
     from zhllama.assets import cache_dir
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
     from zhllama.tokenizer import from_gguf
 
     folder = tokenizer_cache_dir(path, cache_dir())

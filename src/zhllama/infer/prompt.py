@@ -3,7 +3,12 @@
 1. The model's own ``chat_template`` (its tokenizer has one: every model `zhllama train sft` writes does), so
    serving builds exactly the prompts that training saw.
 2. Otherwise ``--template NAME`` from our registry.
-3. Otherwise ``atom``, with a one-line warning.
+3. Otherwise ``atom`` (``llama3`` for a vocabulary that has Llama-3's special tokens but no ``<s>``), with a
+   one-line warning.
+
+One of our templates whose special tokens the tokenizer lacks (llama3 on Llama-2's vocabulary) is a one-line error
+(``check_template_tokens``): for 1 and 2 when the engine starts, before any request; for 3 at the first chat
+request, so that a base model without a template still serves raw prompts.
 
 A too-long prompt is an error naming the lengths, or, when the caller asks, loses its oldest turns (the system
 message and the last user message stay) until it fits.
@@ -21,8 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from zhllama.chat import TEMPLATES, ChatTemplate, get_template, validate_messages
-from zhllama.chat.control import encode_marked, mark_messages
+from zhllama.chat import TEMPLATES, ChatTemplate, check_template_tokens, get_template, validate_messages
+from zhllama.chat.control import control_tokens, encode_marked, mark_messages
 from zhllama.errors import ZhllamaError
 
 
@@ -41,6 +46,8 @@ class PromptBuilder:
 
     def encode(self, messages: Any, max_prompt_tokens: int | None = None, truncate: bool = False) -> list[int]:
         """Prompt ids for a conversation that ends with a user message."""
+        if self.template is not None:
+            check_template_tokens(self.tokenizer, self.template)
         messages = validate_messages(messages)
         if messages[-1]["role"] != "user":
             raise ZhllamaError("the conversation must end with a user message")
@@ -83,21 +90,47 @@ def prompt_builder(tokenizer, template: str | None = None) -> PromptBuilder:
         if template is not None and get_template(template).jinja != own:
             print(f"warning: the model has its own chat template; --template {template} is ignored", file=sys.stderr)
         ours = next((t for t in TEMPLATES.values() if t.jinja == own), None)
-        stop = ours.stop if ours else ((tokenizer.eos_token,) if tokenizer.eos_token else ())
-        return PromptBuilder(tokenizer, ours, stop, "model")
+        if ours is not None:
+            return PromptBuilder(tokenizer, check_template_tokens(tokenizer, ours), ours.stop, "model")
+        return PromptBuilder(tokenizer, None, _foreign_stops(tokenizer, own), "model")
     if template is not None:
-        chosen = get_template(template)
+        chosen = check_template_tokens(tokenizer, template)
         return PromptBuilder(tokenizer, chosen, chosen.stop, "--template")
-    print("warning: the model's tokenizer has no chat template and no --template was given; using atom",
+    default = next((t for t in (TEMPLATES["atom"], TEMPLATES["llama3"]) if _writable(tokenizer, t)), TEMPLATES["atom"])
+    print(f"warning: the model's tokenizer has no chat template and no --template was given; using {default.name}",
           file=sys.stderr)
-    return PromptBuilder(tokenizer, TEMPLATES["atom"], TEMPLATES["atom"].stop, "default")
+    return PromptBuilder(tokenizer, default, default.stop, "default")
+
+
+def _writable(tokenizer, template: ChatTemplate) -> bool:
+    try:
+        check_template_tokens(tokenizer, template)
+    except ZhllamaError:
+        return False
+    return True
+
+
+def _foreign_stops(tokenizer, jinja: str) -> tuple[str, ...]:
+    """Stops for a chat template that is not ours (Meta's own Llama-3.1 Jinja, say): EOS, plus every end-of-turn
+    marker of our templates that this Jinja writes and the tokenizer has as a control token. A Llama-3 GGUF's EOS
+    may be <|end_of_text|> while its template closes each turn with <|eot_id|>; without this the model would talk
+    on past its turn."""
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    have = set(control_tokens(tokenizer))
+    for stop in dict.fromkeys(s for t in TEMPLATES.values() for s in t.stop):
+        if stop in jinja and stop in have and stop not in stops:
+            stops.append(stop)
+    return tuple(stops)
 
 
 def end_of_turn_ids(tokenizer, stops: tuple[str, ...]) -> list[int]:
-    """EOS plus every stop string that is a single token of its own (``<|im_end|>``, ``</s>``)."""
+    """EOS plus every stop string that is a single token of its own (``<|im_end|>``, ``</s>``, ``<|eot_id|>``).
+    Both backends (HF and llama.cpp) stop on these ids: a special token may decode to no text at all, so a stop
+    string alone would never see it. Only control tokens count: a plain piece spelled like a stop is text."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    have = set(control_tokens(tokenizer))
     for stop in stops:
-        token = tokenizer.convert_tokens_to_ids(stop)
+        token = tokenizer.convert_tokens_to_ids(stop) if stop in have else None
         if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
             ids.append(token)
     if not ids:
