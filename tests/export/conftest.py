@@ -40,7 +40,7 @@ def train_briefly(model_dir: Path, out: Path, rows: list[list[int]], steps: int 
     """`model_dir` trained `steps` full-batch AdamW steps on the token rows `rows` (right-padded, padding not a
     target), saved as a complete HF folder at `out`. A plain fp32 torch loop, not the library's trainer, so the
     export tests depend on neither its precision choice nor its bugs."""
-    from zhllama.model.extend_vocab import load_model
+    from zhllama.model.loading import load_model
 
     width = max(map(len, rows))
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
@@ -65,7 +65,7 @@ def train_briefly(model_dir: Path, out: Path, rows: list[list[int]], steps: int 
 @pytest.fixture(scope="session")
 def gguf_prompts(extended_dir, zh_heldout_texts) -> list[list[int]]:
     """What the round trip compares (and the trained model memorises): held-out Chinese, English and code."""
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
 
     tok = load_tokenizer(extended_dir)
     texts = [zh_heldout_texts[5][:200], "The quick brown fox jumps over the lazy dog.",

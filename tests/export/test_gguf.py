@@ -62,8 +62,7 @@ def cpp_logits(llm, ids: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def hf(trained_zh_model):
-    from zhllama.model.extend_vocab import load_model
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_model, load_tokenizer
 
     model = load_model(trained_zh_model, dtype=torch.float32).eval()
     return model, load_tokenizer(trained_zh_model)
@@ -161,7 +160,7 @@ def test_unpermuted_qk_is_caught(tmp_path, monkeypatch, trained_zh_model, prompt
 
 
 def test_chat_template_is_exported(tmp_path, tiny_chat_model):
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
 
     path = export_gguf(tiny_chat_model, tmp_path / "chat.gguf", "f16")
     assert read_gguf_info(path)["chat_template"]
@@ -243,7 +242,7 @@ def test_more_rows_than_tokens_pads_the_vocabulary(tmp_path, extended_dir, corpu
     path = export_gguf(folder, tmp_path / "rows.gguf", "q8_0")
     info = read_gguf_info(path)
     assert info["vocab_size"] == 34_048 and info["token_types"][5] == 48  # 48 UNUSED [PAD] tokens
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_tokenizer
 
     tok = load_tokenizer(extended_dir)
     llm = open_llama(path)

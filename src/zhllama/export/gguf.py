@@ -1,9 +1,10 @@
 """Export an HF Llama folder to a llama-architecture GGUF file for llama.cpp, and read one back.
 
-The SentencePiece vocabulary comes from tokenizer.model itself (pieces, scores, types), so llama.cpp tokenises
-exactly as sentencepiece does. Extended Chinese vocabularies are where other converters fail: the tokenizer
-and the embedding matrix often disagree in size (rows padded to a multiple, or a tokenizer grown after the
-model), so both directions are handled here explicitly.
+The vocabulary (zhllama.export.gguf_vocab) is a SentencePiece one from tokenizer.model itself (pieces, scores,
+types), so llama.cpp tokenises exactly as sentencepiece does, or a byte-level BPE one (Llama-3) from tokenizer.json
+(tokens, merges, the pre-tokenizer named by its regex), so llama.cpp tokenises exactly as HF does. Extended
+Chinese vocabularies are where other converters fail: the tokenizer and the embedding matrix often disagree in size
+(rows padded to a multiple, or a tokenizer grown after the model), so both directions are handled here explicitly.
 
 RoPE scaling (config.rope_parameters, the transformers 5 form):
 - linear, yarn: written as rope.scaling.{type,factor,original_context_length}; llama.cpp applies both.
@@ -24,8 +25,9 @@ import numpy as np
 
 from zhllama.artifacts import atomic_file, check_output_path
 from zhllama.errors import ZhllamaError
-from zhllama.model.init import is_gguf, require_hf_folder
-from zhllama.tokenizer.spm import CONTROL, UNUSED, USER_DEFINED, load_proto
+from zhllama.export.gguf_vocab import pad_vocab as pad_vocabulary
+from zhllama.export.gguf_vocab import read_vocab, write_tokenizer
+from zhllama.model.loading import is_gguf, require_hf_folder
 
 # --type name -> (tensor type, file type); filled lazily so importing this module does not need gguf.
 QTYPE_NAMES = ("f32", "f16", "q8_0", "q4_0")
@@ -51,34 +53,6 @@ def _check_inputs(model_dir: Path, out: Path, qtype: str, pad_vocab) -> None:
     if out.exists() and out.stat().st_size > 0 and not is_gguf(out):
         raise ZhllamaError(f"{out} exists and is not a GGUF file; choose another --out")
     check_output_path(out)  # before the model loads, not after the conversion
-
-
-def _vocabulary(model_dir: Path, tok) -> tuple[list[str], list[float], list[int]]:
-    """Pieces, scores and token types from tokenizer.model, plus any HF added tokens beyond it."""
-    proto = load_proto(model_dir)
-    tokens = [p.piece for p in proto.pieces]
-    scores = [float(p.score) for p in proto.pieces]
-    # sentencepiece numbers its piece types exactly as GGUF does (normal 1 ... byte 6).
-    types = [int(p.type) for p in proto.pieces]
-    # Tokens added through HF (added_tokens.json) live outside the proto but have ids and embedding rows.
-    added = {i: t for i, t in tok.added_tokens_decoder.items() if i >= len(tokens)}
-    for i in sorted(added):
-        if i != len(tokens):
-            raise ZhllamaError(f"{model_dir}: added token ids jump from {len(tokens)} to {i}; "
-                               f"cannot build the vocabulary")
-        tokens.append(added[i].content)
-        scores.append(0.0)
-        types.append(CONTROL if added[i].special else USER_DEFINED)
-    return tokens, scores, types
-
-
-def _pad_tokens(tokens, scores, types, size: int) -> None:
-    # UNUSED, not USER_DEFINED: llama.cpp matches user-defined tokens literally in text, so a user typing
-    # "[PAD34001]" would get a padding id. Same names and score as llama.cpp's converter.
-    for i in range(len(tokens), size):
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(UNUSED)
 
 
 def _target_rows(n_tok: int, n_rows: int, pad_vocab: int | None, model_dir: Path) -> int:
@@ -151,27 +125,6 @@ def _write_rope(writer, config, head_dim: int, theta: float) -> np.ndarray | Non
     return None
 
 
-def _write_tokenizer(writer, tok, proto_path: Path, tokens, scores, types) -> None:
-    writer.add_tokenizer_model("llama")  # llama.cpp's name for a SentencePiece vocabulary
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for name, idx in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
-                      ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
-        if idx is not None and 0 <= idx < len(tokens):
-            getattr(writer, f"add_{name}_token_id")(int(idx))
-    # Ask the tokenizer what it does rather than trusting config flags that differ across transformers versions.
-    ids = tok("a")["input_ids"]
-    writer.add_add_bos_token(bool(ids) and ids[0] == tok.bos_token_id)
-    writer.add_add_eos_token(bool(ids) and ids[-1] == tok.eos_token_id)
-    writer.add_add_space_prefix(bool(load_proto(proto_path).normalizer_spec.add_dummy_prefix))
-    template = getattr(tok, "chat_template", None)
-    if isinstance(template, dict):  # several named templates
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    if template:
-        writer.add_chat_template(template)
-
-
 def _tensor_type(name: str, arr: np.ndarray, qtype, fallbacks: list[str]):
     import gguf
 
@@ -195,20 +148,19 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", pad_
     import gguf
     import torch
 
-    from zhllama.model.extend_vocab import load_model
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_model, load_tokenizer
 
+    tok = load_tokenizer(model_dir)
+    vocab = read_vocab(model_dir, tok)  # before the weights load: an unsupported tokenizer fails at once
     model = load_model(model_dir)
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         raise ZhllamaError(f"{model_dir}: model type {getattr(config, 'model_type', None)!r} is not llama; "
                            f"export gguf writes llama-architecture files only")
-    tok = load_tokenizer(model_dir)
-    tokens, scores, types = _vocabulary(model_dir, tok)
     state = model.state_dict()
     n_rows = int(state["model.embed_tokens.weight"].shape[0])
-    rows = _target_rows(len(tokens), n_rows, pad_vocab, model_dir)
-    _pad_tokens(tokens, scores, types, rows)
+    rows = _target_rows(len(vocab.tokens), n_rows, pad_vocab, model_dir)
+    pad_vocabulary(vocab, rows)
 
     n_head, n_kv = int(config.num_attention_heads), int(config.num_key_value_heads or config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
@@ -239,7 +191,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", pad_
             writer.add_file_type(int(file_type))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             rope_freqs = _write_rope(writer, config, head_dim, theta)
-            _write_tokenizer(writer, tok, model_dir, tokens, scores, types)
+            write_tokenizer(writer, tok, model_dir, vocab)
 
             names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
             if rope_freqs is not None:
@@ -291,14 +243,17 @@ def read_gguf_info(path: str | Path) -> dict:
         field = reader.fields.get(key)
         return default if field is None else field.contents()
 
+    def count(key) -> int:  # an array's length without decoding it (seconds for 280,000 merges)
+        field = reader.fields.get(key)
+        return 0 if field is None else len(field.data)
+
     arch = get("general.architecture")
-    tokens = get("tokenizer.ggml.tokens") or []
     types = get("tokenizer.ggml.token_type") or []
     return {
         "arch": arch,
         "name": get("general.name"),
         "file_type": get("general.file_type"),
-        "vocab_size": len(tokens),
+        "vocab_size": count("tokenizer.ggml.tokens"),
         "token_types": dict(Counter(int(t) for t in types)),
         "context_length": get(f"{arch}.context_length"),
         "tensor_count": len(reader.tensors),
@@ -311,7 +266,12 @@ def read_gguf_info(path: str | Path) -> dict:
             "original_context_length": get(f"{arch}.rope.scaling.original_context_length"),
             "has_rope_freqs": any(t.name == "rope_freqs.weight" for t in reader.tensors),
         },
+        "tokenizer_model": get("tokenizer.ggml.model"),
+        "tokenizer_pre": get("tokenizer.ggml.pre"),
+        "merges": count("tokenizer.ggml.merges"),
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        "eot_token_id": get("tokenizer.ggml.eot_token_id"),
+        "add_bos": get("tokenizer.ggml.add_bos_token"),
         "chat_template": get("tokenizer.chat_template") is not None,
     }
