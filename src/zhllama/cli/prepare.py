@@ -12,9 +12,10 @@ from zhllama.config import CleanConfig
 
 
 @tokenizer_app.command("from-gguf")
-def tokenizer_from_gguf(gguf_file: Path = typer.Argument(..., help="GGUF file with an SPM ('llama') vocabulary"),
+def tokenizer_from_gguf(gguf_file: Path = typer.Argument(..., help="GGUF vocabulary: SentencePiece (Llama-2) or "
+                                                                   "byte-level BPE (Llama-3, Qwen2, ...)"),
                         out: Path = typer.Option(..., "--out")):
-    """Rebuild tokenizer.model and an HF tokenizer folder from a GGUF vocabulary."""
+    """Rebuild an HF tokenizer folder (and tokenizer.model for SentencePiece) from a GGUF vocabulary."""
     from zhllama import tokenizer
 
     typer.echo(tokenizer.from_gguf(gguf_file, out))
@@ -33,7 +34,8 @@ def tokenizer_train(input: Inputs = typer.Option(..., "--input", help=".txt or .
 
 @tokenizer_app.command("merge")
 def tokenizer_merge(base: Path = typer.Option(..., "--base", help="Llama tokenizer.model or HF folder"),
-                    add: Path = typer.Option(..., "--add", help="Chinese SentencePiece model"),
+                    add: Path = typer.Option(..., "--add", help="Chinese SentencePiece model, or for a byte-level "
+                                                                "BPE base another byte-level tokenizer.json"),
                     out: Path = typer.Option(..., "--out"),
                     scheme: str = typer.Option("zh-rank", "--scheme",
                                                help="scores of new pieces: zh-rank|append|zero")):
@@ -56,7 +58,8 @@ def tokenizer_extend(base: Path = typer.Option(..., "--base"), input: Inputs = t
 
 
 @tokenizer_app.command("stats")
-def tokenizer_stats(tokenizer_: Inputs = typer.Option(..., "--tokenizer", help="HF folders or .model files"),
+def tokenizer_stats(tokenizer_: Inputs = typer.Option(..., "--tokenizer",
+                                                      help="HF folders, tokenizer.model or GGUF vocabulary files"),
                     zh: Inputs = typer.Option(None, "--zh"), en: Inputs = typer.Option(None, "--en"),
                     code: Inputs = typer.Option(None, "--code"), json_out: Path = typer.Option(None, "--json"),
                     name: list[str] = typer.Option(None, "--name", help="row labels, one per --tokenizer")):
@@ -72,7 +75,7 @@ def tokenizer_stats(tokenizer_: Inputs = typer.Option(..., "--tokenizer", help="
 
 
 @model_app.command("init")
-def model_init(preset: str = typer.Option(..., "--preset", help="tiny|small|1b|7b"),
+def model_init(preset: str = typer.Option(..., "--preset", help="tiny|small|1b|7b|llama3-1b|llama3-8b"),
                tokenizer_: Path = typer.Option(..., "--tokenizer"), out: Path = typer.Option(..., "--out"),
                seed: int = typer.Option(0, "--seed")):
     """Write a randomly initialised LlamaForCausalLM of a named shape."""
@@ -117,7 +120,8 @@ def data_pack(tokenizer_: Path = typer.Option(..., "--tokenizer"), input: Inputs
 
 
 @model_app.command("memory")
-def model_memory(model_dir: str = typer.Option(..., "--model", help="HF folder, or a preset: tiny|small|1b|7b")):
+def model_memory(model_dir: str = typer.Option(..., "--model",
+                                               help="HF folder, or a preset: tiny|small|1b|7b|llama3-1b|llama3-8b")):
     """Expected memory per precision (fp16, int8, int4, GGUF types) for the model's shape."""
     from zhllama.model.memory import memory_report
 

@@ -171,8 +171,9 @@ def export_gguf(model_dir: Model, out: Path = typer.Option(..., "--out", help="F
 
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("demo-run"), "--out", help="folder for everything the demo makes"),
-         quick: bool = typer.Option(False, "--quick", help="smaller corpus and vocabulary, for tests")):
+         quick: bool = typer.Option(False, "--quick", help="smaller corpus and vocabulary, for tests"),
+         base: str = typer.Option("llama2", "--base", help="the vocabulary to start from: llama2|llama3")):
     """The whole road on the built-in corpus."""
     from zhllama.demo import run_demo
 
-    run_demo(out, quick=quick)
+    run_demo(out, quick=quick, base=base)
