@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from tests.chat.test_templates import target_runs
 from zhllama.assets import cache_dir
 from zhllama.chat import (
     IGNORE_INDEX,
@@ -76,18 +77,6 @@ def render(jinja: str, messages, add_generation_prompt, **kwargs) -> str:
     rendered, _ = render_jinja_template(conversations=[messages], chat_template=jinja,
                                         add_generation_prompt=add_generation_prompt, **kwargs)
     return rendered[0]
-
-
-def target_runs(labels):
-    runs, cur = [], []
-    for x in [*labels, IGNORE_INDEX]:
-        if x == IGNORE_INDEX:
-            if cur:
-                runs.append(cur)
-            cur = []
-        else:
-            cur.append(x)
-    return runs
 
 
 @pytest.fixture(scope="module")
