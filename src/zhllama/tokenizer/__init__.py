@@ -1,4 +1,5 @@
-"""Tokenizer stage: rebuild Llama-2's vocabulary from GGUF, train a Chinese model, merge, extend, measure.
+"""Tokenizer stage: rebuild a vocabulary from GGUF (SentencePiece or byte-level BPE), train a Chinese model, merge,
+extend, measure.
 
 Every function writes a complete folder (or nothing) and returns its path.
 """
@@ -10,8 +11,7 @@ from pathlib import Path
 
 from zhllama.artifacts import atomic_output_dir, file_sha256, write_provenance
 from zhllama.errors import ZhllamaError
-from zhllama.tokenizer import bpe_extend
-from zhllama.tokenizer import bpe
+from zhllama.tokenizer import bpe, bpe_extend
 from zhllama.tokenizer.gguf_vocab import SPM_MODEL, proto_from_gguf, read_gguf_vocab
 from zhllama.tokenizer.hf import write_hf_tokenizer
 from zhllama.tokenizer.merge import SCORE_SCHEMES, candidate_pieces, merge_protos, pad_vocab
