@@ -53,11 +53,10 @@ def recipes(name: str = typer.Argument(None, help="print only this one's path (f
     if name is not None:
         from zhllama.errors import ZhllamaError
 
-        found = [p for p in files if name in (p.stem, p.name)]
-        if not found:
+        found = next((p for p in files if name in (p.stem, p.name)), None)
+        if found is None:
             raise ZhllamaError(f"no shipped recipe {name!r}; `zhllama recipes` lists them")
-        files = found[:1]
-        typer.echo(files[0])
+        typer.echo(found)
         return
     for path in files:
         typer.echo(f"{path.stem:28} {path}")

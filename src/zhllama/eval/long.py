@@ -62,12 +62,9 @@ def parse_lengths(text: str) -> list[int]:
 def load_scaled(model_dir: str | Path, rope: str | None = None, factor: float | None = None,
                 device: str = "auto"):
     """(model, tokenizer, trained context) with RoPE scaling applied before the weights load."""
-    from transformers import AutoConfig
+    from zhllama.model.loading import load_model_config
 
-    try:
-        trained = int(AutoConfig.from_pretrained(str(model_dir), local_files_only=True).max_position_embeddings)
-    except (OSError, ValueError) as exc:
-        raise ZhllamaError(f"{model_dir}: cannot read config.json ({str(exc).splitlines()[0]})") from None
+    trained = int(load_model_config(model_dir).max_position_embeddings)
     scale_rope(SimpleNamespace(max_position_embeddings=trained), rope, factor)  # check flags before loading
     model, tokenizer = load_checked(model_dir, device, rope=rope, rope_factor=factor)
     return model, tokenizer, trained

@@ -27,7 +27,8 @@ from zhllama.artifacts import atomic_file, check_output_path
 from zhllama.errors import ZhllamaError
 from zhllama.export.gguf_vocab import pad_vocab as pad_vocabulary
 from zhllama.export.gguf_vocab import read_vocab, write_tokenizer
-from zhllama.model.loading import is_gguf, require_hf_folder
+from zhllama.model.loading import require_hf_folder
+from zhllama.tokenizer.gguf_vocab import is_gguf
 
 # --type name -> (tensor type, file type); filled lazily so importing this module does not need gguf.
 QTYPE_NAMES = ("f32", "f16", "q8_0", "q4_0")

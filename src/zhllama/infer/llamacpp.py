@@ -30,7 +30,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.infer.engine import Engine, Sink
 from zhllama.infer.params import SamplingParams
 from zhllama.infer.prompt import end_of_turn_ids, prompt_builder
-from zhllama.model.loading import GGUF_MAGIC, is_gguf
+from zhllama.tokenizer.gguf_vocab import GGUF_MAGIC, is_gguf
 
 DEFAULT_MAX_CONTEXT = 4096  # the KV cache is allocated up front: a 32k-context model must not take 32k by default
 LLAMA_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"; our seeds map below it

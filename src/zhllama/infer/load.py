@@ -18,7 +18,7 @@ from pathlib import Path
 
 from zhllama.errors import ZhllamaError
 from zhllama.infer.engine import Engine
-from zhllama.model.loading import is_gguf
+from zhllama.tokenizer.gguf_vocab import is_gguf
 
 BACKENDS = ("auto", "hf", "llamacpp")
 EXPECTED = "an HF model folder or a GGUF file (`zhllama export gguf` makes one)"

@@ -19,24 +19,15 @@ from pathlib import Path
 
 from zhllama.artifacts import file_sha256
 from zhllama.errors import ZhllamaError
+from zhllama.tokenizer.gguf_vocab import is_gguf
 from zhllama.tokenizer.hf import HF_FILES
 
-GGUF_MAGIC = b"GGUF"
 SPM_FILE, JSON_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 
 
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def is_gguf(path: str | Path) -> bool:
-    """Whether the file starts with GGUF's magic bytes (whatever its name)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def require_hf_folder(path: str | Path, what: str = "model") -> Path:
@@ -113,6 +104,16 @@ def load_model(model_dir: str | Path, **kwargs):
         return AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ZhllamaError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
+
+
+def load_model_config(model_dir: str | Path):
+    """AutoConfig from a local folder (no weights read), with a one-line error naming the folder."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ZhllamaError(f"{model_dir}: cannot read config.json ({first_line(exc)})") from None
 
 
 def embedding_rows(model_dir: str | Path) -> int | None:

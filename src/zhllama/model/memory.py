@@ -92,12 +92,9 @@ def load_shape_config(model_or_preset: str):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ZhllamaError(f"{path} has no config.json; not a Hugging Face model folder")
-        from transformers import AutoConfig
+        from zhllama.model.loading import load_model_config
 
-        try:
-            return AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ZhllamaError(f"{path}: cannot read config.json ({str(exc).splitlines()[0]})") from None
+        return load_model_config(path)
     if model_or_preset in PRESETS:
         # Llama-3 shapes come with their own 128k vocabulary; the others are sized with Llama-2's.
         return llama_config(model_or_preset, PRESETS[model_or_preset].vocab_size or PRESET_VOCAB, 1, 2)

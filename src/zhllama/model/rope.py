@@ -64,10 +64,6 @@ def scaled_config(model_dir, rope: str | None, factor: float | None):
     """
     if rope is None and factor is None:
         return None
-    from transformers import AutoConfig
+    from zhllama.model.loading import load_model_config
 
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ZhllamaError(f"{model_dir}: cannot read config.json ({str(exc).splitlines()[0]})") from None
-    return scale_rope(config, rope, factor)
+    return scale_rope(load_model_config(model_dir), rope, factor)

@@ -22,6 +22,18 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether the file starts with GGUF's magic bytes (whatever its name)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
 def read_gguf_metadata(path: str | Path) -> dict:
     """The key/value metadata of a GGUF file (the tensors are not read).
 
@@ -33,7 +45,7 @@ def read_gguf_metadata(path: str | Path) -> dict:
 
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
+            if buf[:4] != GGUF_MAGIC:
                 raise ValueError("no GGUF magic number")
             version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
             if version < 2:

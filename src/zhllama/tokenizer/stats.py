@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zhllama.data.readers import iter_texts
 from zhllama.errors import ZhllamaError
+from zhllama.tokenizer.gguf_vocab import is_gguf
 
 
 @dataclass
@@ -33,7 +34,7 @@ class _Encoder:
 
             self.hf = AutoTokenizer.from_pretrained(str(path))
             self.backend, self.vocab_size = "hf-fast", len(self.hf)
-        elif path.is_file() and _is_gguf(path):
+        elif path.is_file() and is_gguf(path):
             # Built in memory by the code `tokenizer from-gguf` writes a folder with: the same ids, no folder.
             self.hf = _gguf_tokenizer(path)
             self.backend, self.vocab_size = "hf-fast", len(self.hf)
@@ -60,14 +61,6 @@ class _Encoder:
         if self.hf is not None:
             return self.hf.batch_decode(ids, skip_special_tokens=True)
         return self.sp.decode(ids)
-
-
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def _gguf_tokenizer(path: Path):
