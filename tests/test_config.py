@@ -63,11 +63,13 @@ def test_engine_configs():
     from accelerate.commands.config.config_args import ClusterConfig
 
     engine = {p.stem: p for p in recipe_files() if p.stem.startswith(("accelerate_", "ds_"))}
-    assert set(engine) == {"accelerate_fsdp", "accelerate_deepspeed_zero2", "ds_zero2", "ds_zero3"}
+    assert set(engine) == {"accelerate_fsdp", "accelerate_deepspeed_zero2", "accelerate_deepspeed_zero3", "ds_zero2",
+                           "ds_zero3"}
     fsdp = ClusterConfig.from_yaml_file(str(engine["accelerate_fsdp"]))
     assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    zero2 = ClusterConfig.from_yaml_file(str(engine["accelerate_deepspeed_zero2"]))
-    assert zero2.distributed_type == "DEEPSPEED" and zero2.deepspeed_config["zero_stage"] == 2
+    for stage in (2, 3):
+        zero = ClusterConfig.from_yaml_file(str(engine[f"accelerate_deepspeed_zero{stage}"]))
+        assert zero.distributed_type == "DEEPSPEED" and zero.deepspeed_config["zero_stage"] == stage
     for stage in (2, 3):
         ds = json.loads(engine[f"ds_zero{stage}"].read_text())
         assert ds["zero_optimization"]["stage"] == stage

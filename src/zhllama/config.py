@@ -122,9 +122,10 @@ class TrainConfig:
     seed: int = option(0)
     # auto = bf16 where it is faster (GPU, CPUs with AVX512-BF16)
     precision: str = option("auto", help="auto|bf16|fp32 (auto: bf16 where it is faster)")
-    # all | embeddings (embed_tokens + lm_head) | lora (LoRA adapters, see lora.train_embeddings) | qlora (LoRA on
-    # a 4-bit NF4 base; needs a CUDA GPU and bitsandbytes)
-    trainable: str = option("all", help="all|embeddings|lora|qlora (QLoRA: CUDA GPU only)", shortcuts=(
+    # all | embeddings (embed_tokens + lm_head) | new-rows (only their rows that `model extend-vocab` added) |
+    # lora (LoRA adapters, see lora.train_embeddings) | qlora (LoRA on a 4-bit NF4 base; CUDA GPU and bitsandbytes)
+    trainable: str = option("all", help="all|embeddings|new-rows|lora|qlora (new-rows: only the rows a vocabulary "
+                            "extension added; QLoRA: CUDA GPU only)", shortcuts=(
         ("--lora", "lora", "train LoRA adapters instead of all weights (--trainable lora)"),
         ("--qlora", "qlora", "LoRA on a 4-bit NF4 base, CUDA GPU only (--trainable qlora)")))
     # Restart positions at each document start inside a block; attention then stays inside each document (the

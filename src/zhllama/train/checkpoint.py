@@ -52,10 +52,12 @@ def write_rank_files(tmp: Path, rank: int) -> None:
     (tmp / f"python-rng-rank{rank}.json").write_text(json.dumps(random.getstate()))
 
 
-def write_main_files(tmp: Path, model_state: dict, optimizer, scheduler, state: dict) -> None:
+def write_main_files(tmp: Path, model_state: dict, optimizer_state: dict | None, scheduler) -> None:
+    """The weights, the optimizer state (None where the engine keeps its own: DeepSpeed) and the schedule."""
     # safetensors refuses shared storage; tied weights appear once per name, so store contiguous copies.
     save_file({k: v.detach().contiguous().clone() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
 
 
@@ -75,7 +77,9 @@ def load(path: Path, rank: int) -> dict:
         loaded = {
             "state": state,
             "model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+            # DeepSpeed keeps its optimizer partitions in its own checkpoint (engine/), read by the engine.
+            "optimizer": None if state.get("engine", "").startswith("deepspeed") else torch.load(
+                path / "optimizer.pt", weights_only=True),
             "scheduler": json.loads((path / "scheduler.json").read_text()),
         }
         rng_file = path / f"rng-rank{rank}.pt"

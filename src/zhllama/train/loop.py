@@ -25,7 +25,7 @@ from zhllama.config import TrainConfig
 from zhllama.errors import ZhllamaError
 from zhllama.runs import latest_checkpoint
 from zhllama.scoring import IGNORE, token_nll
-from zhllama.train import checkpoint
+from zhllama.train import checkpoint, engine
 from zhllama.train.logs import RunLog, plot_loss
 from zhllama.train.trainable import parameter_groups, trainable_state
 
@@ -53,6 +53,9 @@ class LoopResult:
     model: torch.nn.Module
     steps: int
     last_val: dict | None
+    # The whole weights on the main process where the engine shards them (FSDP, DeepSpeed): `model` then holds
+    # only this rank's part, and final/ is written from this.
+    state_dict: dict[str, torch.Tensor] | None = None
 
 
 def bf16_is_fast() -> bool:
@@ -66,10 +69,16 @@ def bf16_is_fast() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_is_fast() else "fp32"
-    if precision not in ("bf16", "fp32"):
+    """--precision, and the accelerate launch config's mixed_precision when launched by it: auto follows the
+    launch config; an explicit choice that disagrees with it is refused rather than one of them ignored."""
+    if precision not in ("auto", "bf16", "fp32"):
         raise ZhllamaError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    launched = engine.launched_precision()
+    if precision == "auto":
+        return launched or ("bf16" if bf16_is_fast() else "fp32")
+    if launched is not None and launched != precision:
+        raise ZhllamaError(f"--precision {precision} disagrees with the accelerate launch config (mixed_precision "
+                           f"{'no' if launched == 'fp32' else launched}); make them agree, or leave --precision auto")
     return precision
 
 
@@ -132,16 +141,29 @@ def _all_sum(accelerator, *values: float) -> list[float]:
     return accelerator.reduce(tensor, reduction="sum").tolist()
 
 
+def _all_max(accelerator, *values: float) -> list[float]:
+    if accelerator.num_processes == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.gather(tensor[None]).max(dim=0).values.tolist()
+
+
 @torch.no_grad()
 def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | None:
     batches = data.val_batches(cfg.batch_size, cfg.eval_batches, accelerator.process_index,
                                accelerator.num_processes)
+    # Sharded engines gather weights inside every forward, a collective: every rank runs as many forwards as the
+    # busiest one, the extra ones on a batch whose result is not counted.
+    (most,) = _all_max(accelerator, len(batches))
+    filler = batches[:1] or data.val_batches(cfg.batch_size, 1, 0, 1)[:1]
     model.eval()
     total = count = correct = 0.0
-    for batch in batches:
+    for i in range(int(most)):
+        batch = batches[i] if i < len(batches) else filler[0]
         with accelerator.autocast():
             loss, n, c = token_loss(model, {k: v.to(accelerator.device) for k, v in batch.items()}, True)
-        total, count, correct = total + float(loss), count + n, correct + c
+        if i < len(batches):
+            total, count, correct = total + float(loss), count + n, correct + c
     model.train()
     total, count, correct = _all_sum(accelerator, total, count, correct)
     if count == 0:
@@ -164,9 +186,12 @@ def run_accelerator(precision: str, grad_accum: int):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
-        # cpu=True is what makes accelerate set up gloo under torchrun on a machine without a GPU.
-        yield Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                          gradient_accumulation_steps=grad_accum, cpu=not torch.cuda.is_available())
+        with engine.cpu_engine_state() as sharded_on_cpu:
+            # cpu=True is what makes accelerate set up gloo under torchrun on a machine without a GPU (for FSDP and
+            # DeepSpeed, cpu_engine_state has set it up already).
+            yield Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              gradient_accumulation_steps=grad_accum,
+                              cpu=not torch.cuda.is_available() and not sharded_on_cpu)
     finally:
         AcceleratorState._reset_state()
         GradientState._reset_state()
@@ -187,22 +212,24 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
     if data.num_train() == 0:
         raise ZhllamaError("the training data has no complete block or example")
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available() or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     start = 0
     log = RunLog(run_dir, enabled=main)
+    engine.configure(accelerator, cfg)
+    sharded = engine.engine_name(accelerator) in engine.SHARDED
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
     found = latest_checkpoint(run_dir) if resume else None
-    if found is not None and _sharded(accelerator):
-        raise ZhllamaError("--resume is not supported under FSDP or DeepSpeed yet (their optimizer state is "
-                           "sharded); resume with DDP (torchrun) instead")
     if found is not None:
         saved = checkpoint.load(found, rank)
+        engine.check_resume(found, saved["state"], accelerator)
         missing = set(trainable_state(model)) - set(saved["model"])
         if missing:
             raise ZhllamaError(f"checkpoint {found} does not match this model (missing {sorted(missing)[0]})")
-        model.load_state_dict(saved["model"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
+        model.load_state_dict(saved["model"], strict=False)  # the whole weights, before any engine shards them
+        if not sharded:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         start = saved["state"]["step"]
         if saved["rng"] is not None:
@@ -212,6 +239,8 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
         if main:
             print(f"resuming from {found} (step {start})", file=sys.stderr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if found is not None and sharded:
+        engine.restore_sharded(accelerator, model, optimizer, saved, found)
     model.train()
 
     n = data.num_train()
@@ -235,7 +264,7 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
                 accelerator.backward(loss_sum * (world * cfg.grad_accum / global_targets))
                 step_loss += float(loss_sum.detach()) / global_targets
                 if accelerator.sync_gradients:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    grad_norm = _as_float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -257,12 +286,38 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             _save(accelerator, model, optimizer, scheduler, run_dir, done, cfg)
     log.close()
+    full_state = engine.full_state_dict(accelerator, model)  # a collective where the weights are sharded
     accelerator.wait_for_everyone()
     if main and (run_dir / "log.jsonl").exists():
         plot_loss(run_dir)
     # Without the autocast wrapper: the model handed back computes in the precision its caller asks for.
-    return LoopResult(model=accelerator.unwrap_model(model, keep_fp32_wrapper=False), steps=cfg.max_steps,
-                      last_val=last_val)
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    _check_vocab_unchanged(vocab_rows, model, full_state)
+    return LoopResult(model=model, steps=cfg.max_steps, last_val=last_val, state_dict=full_state)
+
+
+def _as_float(norm) -> float:
+    """The gradient norm as a number: FSDP2 returns a DTensor, DeepSpeed a tensor, a float, or None before the
+    first step it takes."""
+    if norm is None:
+        return float("nan")
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _check_vocab_unchanged(rows: int, model, full_state: dict | None) -> None:
+    """Training never resizes the embeddings (that is `model extend-vocab`, offline): a run that ends with another
+    number of rows than it began with has gone wrong somewhere, and must not write final/."""
+    if full_state is not None:
+        now = next(v.shape[0] for k, v in full_state.items() if k.endswith("embed_tokens.weight"))
+    elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        now = model.get_input_embeddings().weight.shape[0]
+    else:
+        return  # sharded weights on a rank that holds no gathered copy
+    if now != rows:
+        raise ZhllamaError(f"the embeddings changed from {rows:,} to {now:,} rows during training; zhllama never "
+                           "resizes them while training (grow the vocabulary with `zhllama model extend-vocab`)")
 
 
 def _save(accelerator, model, optimizer, scheduler, run_dir: Path, step: int, cfg: TrainConfig) -> None:
@@ -270,20 +325,17 @@ def _save(accelerator, model, optimizer, scheduler, run_dir: Path, step: int, cf
     tmp = checkpoint.begin(run_dir, step, main)
     accelerator.wait_for_everyone()
     checkpoint.write_rank_files(tmp, accelerator.process_index)
-    # Sharded engines gather the full weights on every rank (a collective), so all ranks call it.
-    state = accelerator.get_state_dict(model) if _sharded(accelerator) else None
+    # Sharded engines gather the whole weights and optimizer state with collectives, so every rank takes part.
+    state = engine.full_state_dict(accelerator, model)
+    optimizer_state = engine.optimizer_state(accelerator, model, optimizer)
+    engine.save_engine(accelerator, model, tmp)
     if main:
         names = trainable_state(accelerator.unwrap_model(model))
         state = {k: v for k, v in state.items() if k in names} if state is not None else names
-        checkpoint.write_main_files(tmp, state, optimizer, scheduler, {"step": step})
+        checkpoint.write_main_files(tmp, state, optimizer_state, scheduler)
     accelerator.wait_for_everyone()
     if main:
-        checkpoint.finish(tmp, run_dir, step, {"step": step, "world_size": accelerator.num_processes},
-                          cfg.keep_checkpoints)
+        checkpoint.finish(tmp, run_dir, step, {"step": step, "world_size": accelerator.num_processes,
+                                               "engine": engine.engine_name(accelerator),
+                                               "engine_files": engine.engine_file_hashes(tmp)}, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
-
-
-def _sharded(accelerator) -> bool:
-    from accelerate import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)

@@ -14,7 +14,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.model.loading import tokenizer_sha256
 from zhllama.runs import latest_checkpoint
 from zhllama.train.loop import IGNORE, token_loss, train_loop, val_index_batches
-from zhllama.train.run import check_run_dir, finish_run, load_for_training
+from zhllama.train.run import base_vocab_size, check_run_dir, finish_run, load_for_training
 from zhllama.train.trainable import check_qlora_available, prepare_trainable
 
 
@@ -97,7 +97,7 @@ def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: 
     check_run_dir(out, resume)
     make_dir(out)
     base = load_for_training(model_dir, seq_len, nf4=qlora, rope=cfg.rope, rope_factor=cfg.rope_factor)
-    model = prepare_trainable(base, cfg)
+    model = prepare_trainable(base, cfg, base_vocab_size(model_dir))
     data = PackedTrainData(data_dir, seq_len, cfg.reset_position_ids)
     args = {"model": str(model_dir), "data": str(data_dir), "config": to_dict(cfg), "resume": resume}
     inputs = {"tokenizer": tokenizer_sha256(model_dir), "data_tokenizer": packed.tokenizer_sha256}
@@ -106,6 +106,6 @@ def pretrain(model_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: 
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        finish_run(result.model, out, model_dir, "train pretrain", args, inputs)
+        finish_run(result.model, out, model_dir, "train pretrain", args, inputs, state_dict=result.state_dict)
     return out
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from zhllama.artifacts import PROVENANCE, atomic_output_dir, check_output_path, write_provenance
+from zhllama.artifacts import PROVENANCE, atomic_output_dir, check_output_path, read_provenance, write_provenance
 from zhllama.errors import ZhllamaError
 from zhllama.runs import list_checkpoints
 from zhllama.tokenizer.hf import copy_hf_tokenizer, set_chat_template
@@ -46,6 +46,12 @@ def load_for_training(model_dir: Path, seq_len: int | None = None, nf4: bool = F
     return model
 
 
+def base_vocab_size(model_dir: Path) -> int | None:
+    """The vocabulary size before the extension that made ``model_dir`` (its zhllama.json, from `model
+    extend-vocab`): where ``--trainable new-rows`` starts."""
+    return read_provenance(model_dir).get("base_vocab_size")
+
+
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse an --out that cannot be written, is someone else's folder, or holds checkpoints without --resume."""
     check_output_path(out)  # an unwritable --out fails now, not after the data is read
@@ -56,10 +62,11 @@ def check_run_dir(out: Path, resume: bool) -> None:
 
 
 def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, inputs: dict,
-               chat_template: str | None = None) -> Path:
+               chat_template: str | None = None, state_dict: dict | None = None) -> Path:
     """Write final/: a plain HF folder (LoRA merged) with the model's tokenizer (and the chat template SFT used);
     LoRA runs also keep adapter/, for `zhllama lora merge` onto another copy of the base. Each is written whole or
-    not at all, with its zhllama.json."""
+    not at all, with its zhllama.json. ``state_dict``: the whole weights, gathered, where the engine sharded them
+    (``model`` then holds one rank's part)."""
     final = run_dir / "final"
     adapter = run_dir / "adapter" if hasattr(model, "peft_config") else None
     if adapter is not None and adapter.is_dir() and not (adapter / PROVENANCE).exists():
@@ -69,7 +76,7 @@ def finish_run(model, run_dir: Path, model_dir: Path, command: str, args: dict, 
         if adapter_tmp is not None:
             model.save_pretrained(str(adapter_tmp))  # before merged_for_export folds the adapter into the base
         with atomic_output_dir(final) as tmp:
-            merged_for_export(model).save_pretrained(str(tmp), safe_serialization=True)
+            merged_for_export(model).save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             copy_hf_tokenizer(model_dir, tmp)
             if chat_template is not None:
                 set_chat_template(tmp, chat_template)

@@ -20,7 +20,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.model.loading import check_model_vocab, load_tokenizer, tokenizer_sha256
 from zhllama.runs import latest_checkpoint
 from zhllama.train.loop import train_loop, val_index_batches
-from zhllama.train.run import check_run_dir, finish_run, load_for_training
+from zhllama.train.run import base_vocab_size, check_run_dir, finish_run, load_for_training
 from zhllama.train.trainable import check_qlora_available, prepare_trainable
 
 
@@ -122,13 +122,13 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
     write_json_atomic(out / "sft_data.json", summary)
     base = load_for_training(model_dir, cfg.seq_len, nf4=cfg.trainable == "qlora", rope=cfg.rope,
                              rope_factor=cfg.rope_factor)
-    model = prepare_trainable(base, cfg)
+    model = prepare_trainable(base, cfg, base_vocab_size(model_dir))
     args = {"model": str(model_dir), "data": [str(p) for p in data], "config": to_dict(cfg), "resume": resume}
     inputs = {"tokenizer": tokenizer_sha256(model_dir), "data": [file_sha256(Path(p)) for p in data]}
     write_provenance(out, "train sft", args, inputs)
     result = train_loop(model, train_data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
     if not dist.is_initialized() or dist.get_rank() == 0:
         finish_run(result.model, out, model_dir, "train sft", args, inputs,
-                   chat_template=get_template(cfg.template).jinja)
+                   chat_template=get_template(cfg.template).jinja, state_dict=result.state_dict)
     return out
 

@@ -1,4 +1,5 @@
-"""Which weights train: all of them, only the embeddings and lm_head, or LoRA adapters plus those."""
+"""Which weights train: all of them, only the embeddings and lm_head (all rows, or only the rows a vocabulary
+extension added), or LoRA adapters plus those."""
 
 from __future__ import annotations
 
@@ -7,19 +8,22 @@ import torch
 from zhllama.config import TrainConfig
 from zhllama.errors import ZhllamaError
 
-MODES = ("all", "embeddings", "lora", "qlora")
+MODES = ("all", "embeddings", "new-rows", "lora", "qlora")
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
 
 
-def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig, base_rows: int | None = None) -> torch.nn.Module:
+    """``base_rows``: for ``new-rows``, the vocabulary size before the extension (rows below it stay as they are)."""
     if cfg.trainable == "all":
         model.requires_grad_(True)
         return model
-    if cfg.trainable == "embeddings":
+    if cfg.trainable in ("embeddings", "new-rows"):
         # The usual first stage after a vocabulary extension: the body stays as it was.
         model.requires_grad_(False)
         model.get_input_embeddings().requires_grad_(True)
         model.get_output_embeddings().requires_grad_(True)
+        if cfg.trainable == "new-rows":
+            _freeze_base_rows(model, base_rows)
         return model
     if cfg.trainable in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -40,12 +44,34 @@ def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
     raise ZhllamaError(f"unknown trainable mode {cfg.trainable!r}; choose one of {', '.join(MODES)}")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms and biases alone."""
+def _freeze_base_rows(model: torch.nn.Module, base_rows: int | None) -> None:
+    """Zero the gradient of every base row. With no gradient and no weight decay (parameter_groups), AdamW's
+    moments of those rows stay 0 and so does their update: the base rows end bitwise as they began."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if base_rows is None or not 0 < base_rows < rows:
+        raise ZhllamaError(f"trainable new-rows needs a model written by `zhllama model extend-vocab`, whose "
+                           f"zhllama.json gives the base vocabulary size below its {rows:,} rows (got {base_rows})")
+
+    def keep_base(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:base_rows] = 0
+        return grad
+
+    for weight in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                   }.values():  # once for tied embeddings
+        weight.register_hook(keep_base)
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Decay matrices; leave norms and biases alone, and with ``new-rows`` the embeddings (decay would move the
+    base rows, which must not)."""
+    weight_decay = cfg.weight_decay
+    spared = tuple(EMBEDDING_MODULES) if cfg.trainable == "new-rows" else ()
     decay, no_decay = [], []
-    for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            skip = param.ndim < 2 or any(f".{module}." in f".{name}." for module in spared)
+            (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
