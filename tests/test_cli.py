@@ -151,11 +151,11 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(command, tmp_pat
 
 
 def test_multi_value_expansion_follows_the_command():
-    # `train sft --data` takes several files; `train pretrain --data` takes one folder
-    assert expand_multi_value_options(["train", "sft", "--data", "a", "b", "--out", "o"]) == \
-        ["train", "sft", "--data", "a", "--data", "b", "--out", "o"]
-    argv = ["train", "pretrain", "--data", "a", "b", "--out", "o"]
-    assert expand_multi_value_options(argv) == argv
+    # `train sft --data` takes several files, `train pretrain --data` several folders (mixed by weight); `--model`
+    # of `eval long` takes one
+    for command in ("sft", "pretrain"):
+        assert expand_multi_value_options(["train", command, "--data", "a", "b:0.2", "--out", "o"]) == \
+            ["train", command, "--data", "a", "--data", "b:0.2", "--out", "o"]
     argv = ["eval", "long", "--model", "m", "x"]
     assert expand_multi_value_options(argv) == argv
     assert expand_multi_value_options(["serve", "--model", "m", "--api-key", "k1", "k2"])[-4:] == \
@@ -163,11 +163,11 @@ def test_multi_value_expansion_follows_the_command():
 
 
 def test_a_second_value_for_a_one_value_option_is_refused(tmp_path):
-    result = run("train", "pretrain", "--model", tmp_path / "m", "--data", tmp_path / "a", tmp_path / "b",
-                 "--out", tmp_path / "run")
+    result = run("train", "pretrain", "--model", tmp_path / "m", "--out", tmp_path / "run", tmp_path / "b",
+                 "--data", tmp_path / "a")
     assert result.returncode == 2
     assert "unexpected extra argument" in result.stderr and str(tmp_path / "b") in result.stderr
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize(("flags", "words"), [

@@ -132,6 +132,9 @@ class TrainConfig:
     # span attention of train/varlen.py) and no document learns to predict the next one's first token.
     # None: follow the data, on when it was packed with --doc-boundaries; true or false overrides it.
     reset_position_ids: bool | None = None
+    # `train pretrain --data A:0.8 --data B:0.2`: when a source runs out before the run ends, repeat it (in a new
+    # order; every block of every source is then seen) or stop the run when the first source is exhausted.
+    mix_exhausted: str = "repeat"
     # RoPE scaling applied to the model before training (linear | dynamic | yarn | llama3, with a factor > 1), so
     # the context it is trained at, and the saved config, carry the stretched positions.
     rope: str | None = rope_option()

@@ -77,12 +77,24 @@ def test_run_folder_has_logs_plot_checkpoints_and_a_loadable_model(tiny_zh_model
 def test_killed_run_resumes_to_the_same_weights_bitwise(tiny_zh_model, packed_dir, tmp_path):
     reference = pretrain(tiny_zh_model, packed_dir, tmp_path / "ref", small_cfg(max_steps=10, save_every=2))
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "zhllama", "train", "pretrain", "--model", str(tiny_zh_model), "--data",
-           str(packed_dir), "--out", str(run), "--max-steps", "10", "--batch-size", "4", "--lr", "2e-3",
-           "--save-every", "2", "--eval-every", "3", "--seed", "0", "--precision", "fp32"]
+    resume_after_sigkill(pretrain_command(tiny_zh_model, [packed_dir], run, tmp_path), run)
+    ref, got = weights(reference), weights(run)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [r["step"] for r in read_log(run) if r["kind"] == "train"] == list(range(1, 11))
+
+
+def pretrain_command(model, data: list, run, tmp_path) -> list[str]:
+    """`train pretrain` as small_cfg(max_steps=10, save_every=2) runs it, from the command line."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("warmup_steps: 2\nlog_every: 1\neval_batches: 2\n")
-    proc = subprocess.Popen(cmd + ["--config", str(recipe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [sys.executable, "-m", "zhllama", "train", "pretrain", "--model", str(model), "--data", *map(str, data),
+            "--out", str(run), "--max-steps", "10", "--batch-size", "4", "--lr", "2e-3", "--save-every", "2",
+            "--eval-every", "3", "--seed", "0", "--precision", "fp32", "--config", str(recipe)]
+
+
+def resume_after_sigkill(cmd: list[str], run) -> None:
+    """Start `cmd`, SIGKILL it once step 4's checkpoint is in, then run it again with --resume to the end."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run / "checkpoints" / "step-000004").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
@@ -90,12 +102,9 @@ def test_killed_run_resumes_to_the_same_weights_bitwise(tiny_zh_model, packed_di
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists()
-    done = subprocess.run(cmd + ["--config", str(recipe), "--resume"], capture_output=True, text=True)
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr
-    ref, got = weights(reference), weights(run)
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-    assert [r["step"] for r in read_log(run) if r["kind"] == "train"] == list(range(1, 11))
 
 
 def torchrun_pretrain(model, data, out, *flags):

@@ -13,7 +13,9 @@ from zhllama.config import SftConfig, TrainConfig
 
 @train_app.command("pretrain")
 @config_options(TrainConfig)
-def train_pretrain(model_dir: Model, data: Path = typer.Option(..., "--data", help="a folder from `data pack`"),
+def train_pretrain(model_dir: Model,
+                   data: Inputs = typer.Option(..., "--data", help="folders from `data pack`, each DIR or DIR:WEIGHT "
+                                               "to mix them by weight (the same tokenizer and --seq-len)"),
                    out: Out = ..., config: Recipe = None, resume: Resume = False, *, overrides: dict):
     """Continue pretraining on packed data (launch with torchrun or accelerate launch to distribute)."""
     from zhllama.config import load_config

@@ -108,8 +108,10 @@ def sample_ids(step: int, micro: int, rank: int, cfg: TrainConfig, world: int, n
     return out
 
 
-def tokens_seen(steps: int, cfg: TrainConfig, world: int, counts: np.ndarray) -> int:
-    """Real tokens in the first `steps` global batches, the x axis of `eval track`.
+def tokens_seen(steps: int, cfg: TrainConfig, world: int, counts: np.ndarray,
+                groups: np.ndarray | None = None) -> int | np.ndarray:
+    """Real tokens in the first `steps` global batches, the x axis of `eval track`; per group of samples (the
+    sources of a mix, by sample index) when `groups` is given.
 
     The samples of those steps are the first steps * global-batch entries of the epoch orders (sample_ids): every
     whole epoch holds each sample once, then comes the start of the next order. Counted from the order, the total
@@ -117,7 +119,12 @@ def tokens_seen(steps: int, cfg: TrainConfig, world: int, counts: np.ndarray) ->
     """
     n = len(counts)
     epochs, rest = divmod(steps * cfg.batch_size * cfg.grad_accum * world, n)
-    return int(epochs * int(counts.sum()) + int(counts[_epoch_order(cfg.seed, epochs, n)[:rest]].sum()))
+    order = _epoch_order(cfg.seed, epochs, n)[:rest]
+    if groups is None:
+        return int(epochs * int(counts.sum()) + int(counts[order].sum()))
+    size = int(groups.max()) + 1
+    return (epochs * np.bincount(groups, weights=counts, minlength=size)
+            + np.bincount(groups[order], weights=counts[order], minlength=size))
 
 
 def token_loss(model, batch: dict[str, torch.Tensor], with_accuracy: bool = False,
@@ -245,6 +252,8 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
 
     n = data.num_train()
     sample_tokens = data.sample_tokens()
+    # A mix of sources (train/pretrain.py MixedTrainData) logs the share of tokens each has had so far.
+    sources = data.source_of(np.arange(n)) if hasattr(data, "source_of") else None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not main or None, dynamic_ncols=True)
     last_val = None
@@ -276,7 +285,8 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
             rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             log.write({"kind": "train", "step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens": tokens_seen(done, cfg, world, sample_tokens),
-                       "tokens_per_s": rate, "precision": precision})
+                       "tokens_per_s": rate, "precision": precision, **_source_shares(data, sources, done, cfg,
+                                                                                       world, sample_tokens)})
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{rate:,.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
@@ -294,6 +304,13 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     _check_vocab_unchanged(vocab_rows, model, full_state)
     return LoopResult(model=model, steps=cfg.max_steps, last_val=last_val, state_dict=full_state)
+
+
+def _source_shares(data, sources, steps: int, cfg: TrainConfig, world: int, counts: np.ndarray) -> dict:
+    if sources is None:
+        return {}
+    seen = tokens_seen(steps, cfg, world, counts, sources)
+    return {"source_shares": {name: round(float(t / seen.sum()), 6) for name, t in zip(data.names, seen, strict=False)}}
 
 
 def _as_float(norm) -> float:
