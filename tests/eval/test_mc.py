@@ -207,7 +207,7 @@ def _break(root: Path, case: str) -> tuple[str, str, list[str]]:
         (root / "subject_mapping.json").unlink()
         return "cmmlu", "test", [str(root / "subject_mapping.json"), "missing"]
     if case == "unknown task":
-        return "mmlu", "test", ["mmlu", "ceval or cmmlu"]
+        return "gsm8k", "test", ["gsm8k", "ceval, cmmlu or mmlu"]
     return "cmmlu", "val", ["cmmlu", "'val'", "dev or test"]  # CMMLU has no val split
 
 

@@ -88,7 +88,7 @@ def serve(model_dir: Path = AnyModel, *, overrides: dict):
 
 @eval_app.command("mc")
 @config_options(LoadConfig, only=NO_TEMPLATE)
-def eval_mc(model_dir: Model, task: str = typer.Option(..., "--task", help="ceval|cmmlu"),
+def eval_mc(model_dir: Model, task: str = typer.Option(..., "--task", help="ceval|cmmlu|mmlu"),
             data_dir: Path = typer.Option(..., "--data-dir", help="the benchmark's folder (dev/ val/ test/ CSVs)"),
             split: str = typer.Option("val", "--split", help="val|test|dev"),
             shots: int = typer.Option(5, "--shots", help="0..5 examples from the dev split"),

@@ -1,4 +1,4 @@
-"""C-Eval and CMMLU: multiple-choice accuracy from the log-likelihood of the answer letter.
+"""C-Eval, CMMLU and MMLU: multiple-choice accuracy from the log-likelihood of the answer letter.
 
 Prompt, in each benchmark's authors' own wording (``{科目}`` is the subject's Chinese name)::
 
@@ -6,6 +6,10 @@ Prompt, in each benchmark's authors' own wording (``{科目}`` is the subject's 
     CMMLU header:   以下是关于{科目}的单项选择题，请直接给出正确答案的选项。\\n\\n
     each example:   {question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：{gold letter}\\n\\n
     the question:   {question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：
+
+MMLU (``zhllama.eval.mmlu``) is the same with "The following are multiple choice questions (with answers) about
+{subject}.\\n\\n", "Answer:" for "答案：", the question text stripped, and " A".." D" as the letters (so an
+example ends "Answer: B\\n\\n"), as Hendrycks et al. and lm-evaluation-harness's ``mmlu`` task do.
 
 The examples are the first `shots` dev rows of the same subject (on the dev split itself, the question is never
 its own example). A prompt longer than the model's context loses examples from the end until it fits; if the
@@ -38,25 +42,40 @@ from zhllama.errors import ZhllamaError
 from zhllama.eval.mc_data import LETTERS, Question, SubjectInfo, check_task, read_benchmark
 from zhllama.scoring import kept_logprobs, pad_id, right_pad
 
-HEADERS = {"ceval": "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n",
-           "cmmlu": "以下是关于{}的单项选择题，请直接给出正确答案的选项。\n\n"}
-CATEGORY_ORDER = ("STEM", "Social Science", "Humanities", "Other", "China specific")
-METHOD = "next-token log-likelihood of the answer letter after 答案："
+
+@dataclass(frozen=True)
+class Style:
+    """How a task words its prompt: header (formatted with the subject's name), answer cue, scored letters."""
+    header: str
+    cue: str
+    letters: tuple[str, ...] = LETTERS  # each letter as it follows the cue; an example's answer is written so too
+    strip_question: bool = False
+
+
+STYLES = {"ceval": Style("以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n", "答案："),
+          "cmmlu": Style("以下是关于{}的单项选择题，请直接给出正确答案的选项。\n\n", "答案："),
+          "mmlu": Style("The following are multiple choice questions (with answers) about {}.\n\n", "Answer:",
+                        tuple(" " + letter for letter in LETTERS), strip_question=True)}
+CATEGORY_ORDER = ("STEM", "Social Science", "Social Sciences", "Humanities", "Other", "China specific")
+METHOD = "next-token log-likelihood of the answer letter after {}"
 LETTER_IDS = ("a letter's tokens are those that tokenizing prompt + letter adds after the prompt's tokens; "
               "several tokens are scored by their summed log-probability")
 AVERAGES = {"micro": "correct / questions, over all questions pooled",
             "macro": "mean of the per-subject accuracies (each subject counts once, as C-Eval and CMMLU report)"}
 
 
-def format_question(question: Question, answer: str | None = None) -> str:
-    options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, question.options, strict=True))
-    return f"{question.question}{options}\n答案：" + (f"{answer}\n\n" if answer is not None else "")
+def format_question(question: Question, answer: str | None = None, task: str = "ceval") -> str:
+    style = STYLES[task]
+    text = question.question.strip() if style.strip_question else question.question
+    options = "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, question.options, strict=True))
+    tail = f"{style.letters[LETTERS.index(answer)]}\n\n" if answer is not None else ""
+    return f"{text}{options}\n{style.cue}{tail}"
 
 
 def build_prompt(task: str, subject_zh: str, question: Question, examples: list[Question]) -> str:
     check_task(task)
-    shots = "".join(format_question(example, example.answer) for example in examples)
-    return HEADERS[task].format(subject_zh) + shots + format_question(question)
+    shots = "".join(format_question(example, example.answer, task) for example in examples)
+    return STYLES[task].header.format(subject_zh) + shots + format_question(question, task=task)
 
 
 @dataclass
@@ -83,14 +102,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_len: int | None = None) -> Encoded:
-    """The sequences to score every prompt's four letters; prompts over `max_len` tokens lose their head."""
+def encode_prompts(tokenizer, prompts: list[str], max_len: int | None = None,
+                   letters: tuple[str, ...] = LETTERS) -> Encoded:
+    """The sequences to score every prompt's four `letters` (as written after the prompt, e.g. " A" for MMLU);
+    prompts over `max_len` tokens lose their head."""
     out = Encoded()
     if not prompts:
         return out
     # Questions are data: a "</s>" in one is text, not EOS (encode_plain); BOS is added as the tokenizer says.
     prompt_ids = encode_plain(tokenizer, prompts, add_special_tokens=True)
-    letter_ids = [encode_plain(tokenizer, [p + letter for p in prompts], add_special_tokens=True) for letter in LETTERS]
+    letter_ids = [encode_plain(tokenizer, [p + letter for p in prompts], add_special_tokens=True) for letter in letters]
     bos = tokenizer.bos_token_id
     for i, ids in enumerate(prompt_ids):
         withs = [letter_ids[j][i] for j in range(len(LETTERS))]
@@ -163,9 +184,10 @@ def pad_token_id(tokenizer) -> int:
     return pad_id(tokenizer)
 
 
-def score_questions(model, tokenizer, prompts: list[str], batch_size: int = 8, progress: bool = True) -> np.ndarray:
-    """(len(prompts), 4) log-likelihoods of A, B, C, D as the answer after each prompt."""
-    encoded = encode_prompts(tokenizer, prompts, model_max_len(model))
+def score_questions(model, tokenizer, prompts: list[str], batch_size: int = 8, progress: bool = True,
+                    letters: tuple[str, ...] = LETTERS) -> np.ndarray:
+    """(len(prompts), 4) log-likelihoods of A, B, C, D (written as `letters`) as the answer after each prompt."""
+    encoded = encode_prompts(tokenizer, prompts, model_max_len(model), letters)
     return score_encoded(model, encoded, len(prompts), batch_size, pad_token_id(tokenizer), progress)
 
 
@@ -211,7 +233,7 @@ def evaluate(model, tokenizer, task: str, questions_by_subject: dict[str, list[Q
     first_prompts = {}
     for q, prompt in zip(items, prompts, strict=True):
         first_prompts.setdefault(q.subject, prompt)
-    encoded = encode_prompts(tokenizer, prompts, max_len)
+    encoded = encode_prompts(tokenizer, prompts, max_len, STYLES[task].letters)
     scores = score_encoded(model, encoded, len(prompts), batch_size, pad_token_id(tokenizer), progress)
 
     per_question, tally = [], {s: [0, 0] for s in questions_by_subject}  # subject -> [correct, answered]
@@ -234,7 +256,8 @@ def evaluate(model, tokenizer, task: str, questions_by_subject: dict[str, list[Q
         categories[cat] = summary(members, tally, subjects)
     return {
         "task": task, "shots": shots,
-        "method": {"method": METHOD, "letter_ids": LETTER_IDS,
+        "method": {"method": METHOD.format(STYLES[task].cue), "letters": list(STYLES[task].letters),
+                   "letter_ids": LETTER_IDS,
                    "letter_tokens": {k: dict(v) for k, v in encoded.letter_tokens.items()},
                    "forward": "one forward pass per prompt, right padding with an attention mask, batches sorted "
                               "by length; logits at the last prompt position, log_softmax in fp32",
@@ -273,7 +296,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {cat} | {row['subjects']} | {row['questions']} | {pct(row['micro'])} "
                          f"| {pct(row['macro'])} |")
         lines += ["", "Micro: " + AVERAGES["micro"] + ". Macro: " + AVERAGES["macro"] + ".", ""]
-    lines += ["| Subject | 科目 | Categories | Questions | Accuracy % |", "|---|---|---|---:|---:|"]
+    name_column = "In the prompt" if report["task"] == "mmlu" else "科目"
+    lines += [f"| Subject | {name_column} | Categories | Questions | Accuracy % |", "|---|---|---|---:|---:|"]
     for name, row in report["subjects"].items():
         lines.append(f"| {name} | {row['zh']} | {', '.join(row['categories'])} | {row['questions']} "
                      f"| {pct(row['accuracy'])} |")

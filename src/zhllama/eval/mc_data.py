@@ -1,4 +1,4 @@
-"""Readers for the C-Eval and CMMLU folders, exactly as their authors publish them.
+"""Readers for the C-Eval, CMMLU and MMLU folders, exactly as their authors publish them.
 
 C-Eval::
 
@@ -10,6 +10,11 @@ CMMLU::
 
     DIR/subject_mapping.json         {subject: {"zh": name, "subcategories": [...], "categories": [...]}}
     DIR/{dev,test}/<subject>.csv     ,Question,A,B,C,D,Answer    (the first column is an unnamed index)
+
+MMLU (``zhllama.eval.mmlu``: no mapping file, the 57 subjects' categories are in the code)::
+
+    DIR/{dev,val,test}/<subject>_<split>.csv
+                                     question,A,B,C,D,answer     (no header)
 
 Every problem is a ZhllamaError of one line that names the file (and the line, for a bad row), raised before
 any model is loaded, so a bad folder costs nothing and writes nothing.
@@ -25,7 +30,7 @@ from pathlib import Path
 from zhllama.errors import ZhllamaError
 
 LETTERS = ("A", "B", "C", "D")
-SPLITS = {"ceval": ("dev", "val", "test"), "cmmlu": ("dev", "test")}
+SPLITS = {"ceval": ("dev", "val", "test"), "cmmlu": ("dev", "test"), "mmlu": ("dev", "val", "test")}
 MAX_SHOTS = 5
 # Per task: (question column, answer column, id column or None for "the row's position").
 COLUMNS = {"ceval": ("question", "answer", "id"), "cmmlu": ("Question", "Answer", None)}
@@ -44,13 +49,13 @@ class Question:
 @dataclass(frozen=True)
 class SubjectInfo:
     name: str                       # snake_case, as in the file names
-    zh: str                         # Chinese name, as the prompt header says it
+    zh: str                         # the name the prompt header says: Chinese; MMLU's "abstract algebra"
     categories: tuple[str, ...]     # C-Eval: one; CMMLU: one or two ("China specific" is the second)
 
 
 def check_task(task: str, split: str | None = None, shots: int | None = None) -> None:
     if task not in SPLITS:
-        raise ZhllamaError(f"unknown task {task!r}: choose ceval or cmmlu")
+        raise ZhllamaError(f"unknown task {task!r}: choose ceval, cmmlu or mmlu")
     if split is not None and split not in SPLITS[task]:
         raise ZhllamaError(f"{task} has no {split!r} split: choose {' or '.join(SPLITS[task])}")
     if shots is not None and not 0 <= shots <= MAX_SHOTS:
@@ -103,6 +108,10 @@ def subject_csv(task: str, data_dir: str | Path, split: str, subject: str) -> Pa
 def read_questions(task: str, data_dir: str | Path, split: str, subject: str) -> list[Question]:
     """The questions of one subject's CSV; answer is None when the file has no answer column (C-Eval test)."""
     check_task(task, split)
+    if task == "mmlu":
+        from zhllama.eval import mmlu
+
+        return mmlu.read_questions(data_dir, split, subject)
     path = subject_csv(task, data_dir, split, subject)
     if not path.is_file():
         raise ZhllamaError(f"{path} is missing (subject {subject!r}, split {split!r})")
@@ -147,7 +156,12 @@ def read_benchmark(task: str, data_dir: str | Path, split: str, shots: int, subj
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ZhllamaError(f"--data-dir {data_dir} is not a folder")
-    info = read_subject_info(task, data_dir)
+    if task == "mmlu":  # the subjects are the split's files, or the ones asked for
+        from zhllama.eval import mmlu
+
+        info = {s: mmlu.subject_info(s) for s in subjects} if subjects else mmlu.read_subject_info(data_dir, split)
+    else:
+        info = read_subject_info(task, data_dir)
     chosen = select_subjects(info, subjects, data_dir)
     questions = {s: read_questions(task, data_dir, split, s) for s in chosen}
     dev = {s: (questions[s] if split == "dev" else read_questions(task, data_dir, "dev", s)) if shots else []
