@@ -152,6 +152,8 @@ class SftConfig(TrainConfig):
     train_on_prompt: bool = option(False, flag="--train-on-prompt/--mask-prompt",
                                    help="loss on the prompts too (default: replies only)")
     val_fraction: float = 0.02  # conversations held out for the validation loss
+    # Packed pretraining blocks mixed into SFT (loss on every token of them), against forgetting: "DIR:FRACTION"
+    replay: str | None = option(None, help="DIR:FRACTION: that share of rows are blocks of packed pretraining data")
     lr: float = option(2e-5)
     warmup_steps: int = 10
     weight_decay: float = 0.0

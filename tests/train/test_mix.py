@@ -13,7 +13,8 @@ from zhllama.errors import ZhllamaError
 from zhllama.runs import read_log
 from zhllama.train import pretrain
 from zhllama.train.loop import sample_ids
-from zhllama.train.pretrain import MixedTrainData, PackedTrainData
+from zhllama.train.mixing import MixedTrainData
+from zhllama.train.pretrain import PackedTrainData
 
 
 def write_texts(path, texts):

@@ -27,7 +27,8 @@ def train_pretrain(model_dir: Model,
 @train_app.command("sft")
 @config_options(SftConfig)
 def train_sft(model_dir: Model,
-              data: Inputs = typer.Option(..., "--data", help="seed CSV, Alpaca or ShareGPT .json/.jsonl files"),
+              data: Inputs = typer.Option(..., "--data", help="seed CSV, Alpaca or ShareGPT .json/.jsonl files, "
+                                          "each FILE or FILE:WEIGHT to mix them by weight"),
               out: Out = ..., config: Recipe = None, resume: Resume = False, *, overrides: dict):
     """Supervised fine-tuning on conversations: loss on the replies only, packed rows, full/LoRA/QLoRA."""
     from zhllama.config import load_config

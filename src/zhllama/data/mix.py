@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +61,12 @@ class MixSchedule:
         self.counts = _largest_remainder(share, total)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.share = share
+        self.blocks = np.concatenate([self._blocks(s, int(c)) for s, c in enumerate(self.counts)])
+
+    def _blocks(self, source: int, count: int) -> np.ndarray:
+        n = self.lengths[source]
+        orders = [np.random.default_rng([self.seed, source, p, 0x6D6978]).permutation(n) for p in range(-(-count // n))]
+        return np.concatenate(orders or [np.zeros(0, dtype=np.int64)])[:count]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -70,9 +75,7 @@ class MixSchedule:
         return np.searchsorted(self.starts, samples, side="right") - 1
 
     def locate(self, sample: int) -> tuple[int, int]:
-        source = int(self.source_of(np.asarray([sample]))[0])
-        passes, k = divmod(sample - int(self.starts[source]), self.lengths[source])
-        return source, int(_pass_order(self.seed, source, passes, self.lengths[source])[k])
+        return int(self.source_of(np.asarray([sample]))[0]), int(self.blocks[sample])
 
 
 def _largest_remainder(share: np.ndarray, total: int) -> np.ndarray:
@@ -82,8 +85,3 @@ def _largest_remainder(share: np.ndarray, total: int) -> np.ndarray:
     for i in np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]:
         counts[i] += 1
     return counts
-
-
-@lru_cache(maxsize=16)
-def _pass_order(seed: int, source: int, passes: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, source, passes, 0x6D6978]).permutation(n)

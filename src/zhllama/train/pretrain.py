@@ -14,6 +14,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.model.loading import tokenizer_sha256
 from zhllama.runs import latest_checkpoint
 from zhllama.train.loop import IGNORE, token_loss, train_loop, val_index_batches
+from zhllama.train.mixing import MixedTrainData
 from zhllama.train.run import base_vocab_size, check_run_dir, finish_run, load_for_training
 from zhllama.train.trainable import check_qlora_available, prepare_trainable
 
@@ -59,39 +60,6 @@ class PackedTrainData:
         if self.val is None or len(self.val) == 0:
             return []
         return [self._batch(self.val, ids) for ids in val_index_batches(len(self.val), batch_size, limit, rank, world)]
-
-
-class MixedTrainData:
-    """Several packed folders mixed by weight (data/mix.py): sample i of the mix is a block of one source."""
-
-    def __init__(self, sources: list[PackedTrainData], names: list[str], weights: list[float], seed: int,
-                 exhausted: str):
-        from zhllama.data.mix import MixSchedule
-
-        self.sources, self.names = sources, names
-        self.schedule = MixSchedule([s.num_train() for s in sources], weights, seed, exhausted)
-
-    def num_train(self) -> int:
-        return len(self.schedule)
-
-    def sample_tokens(self) -> np.ndarray:
-        return np.full(len(self.schedule), self.sources[0].seq_len, dtype=np.int64)
-
-    def source_of(self, samples: np.ndarray) -> np.ndarray:
-        return self.schedule.source_of(samples)
-
-    def train_batch(self, samples: list[int]) -> dict[str, torch.Tensor]:
-        rows = []
-        for sample in samples:
-            source, block = self.schedule.locate(sample)
-            rows.append(self.sources[source].train_batch([block]))
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-
-    def val_batches(self, batch_size: int, limit: int, rank: int, world: int):
-        """Each source's validation blocks in turn, `limit` batches in all, shared between the sources."""
-        with_val = [s for s in self.sources if s.val is not None and len(s.val)]
-        each = max(1, limit // max(1, len(with_val)))
-        return [b for s in with_val for b in s.val_batches(batch_size, each, rank, world)]
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.model.loading import check_model_vocab, load_tokenizer, tokenizer_sha256
 from zhllama.runs import latest_checkpoint
 from zhllama.train.loop import train_loop, val_index_batches
+from zhllama.train.mixing import MixedTrainData
 from zhllama.train.run import base_vocab_size, check_run_dir, finish_run, load_for_training
 from zhllama.train.trainable import check_qlora_available, prepare_trainable
 
@@ -59,8 +60,7 @@ class SftTrainData:
 
     def useful_share(self) -> float:
         """Share of the row slots that hold real tokens (the rest is padding), over the training rows."""
-        counts = self.sample_tokens()
-        return float(counts.sum()) / max(1, int(counts.max(initial=0)) * len(counts))
+        return useful_share(self.sample_tokens())
 
 
 def split_conversations(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -73,11 +73,12 @@ def split_conversations(n: int, val_fraction: float, seed: int) -> tuple[list[in
 
 
 def prepare_sft_data(model_dir: Path, data: list[str | Path], cfg: SftConfig, progress: bool = True):
-    """Read, template, tokenize, split and pack; returns (SftTrainData, report dict)."""
+    """Read, template, tokenize, split and pack; returns (train data, report dict).
+
+    Files given as FILE:WEIGHT are mixed by weight (each packed on its own); without weights they are one pool.
+    `cfg.replay` (DIR:FRACTION) mixes that share of rows of packed pretraining blocks in, loss on every token."""
     from zhllama.chat import get_template
-    from zhllama.data.conversations import read_conversations
-    from zhllama.data.readers import ReadReport
-    from zhllama.data.sft_batches import tokenize_examples
+    from zhllama.data.mix import parse_source
 
     template = get_template(cfg.template) if cfg.template else None
     if template is None:
@@ -85,22 +86,80 @@ def prepare_sft_data(model_dir: Path, data: list[str | Path], cfg: SftConfig, pr
                            "the recipe")
     if not cfg.seq_len or cfg.seq_len < 8:
         raise ZhllamaError(f"seq_len must be at least 8 for SFT, got {cfg.seq_len}")
-    report = ReadReport()
-    conversations = read_conversations(data, report)
+    sources = [parse_source(spec) for spec in data]
+    weighted = any(source.folder != Path(spec) for source, spec in zip(sources, data, strict=True))
+    replay = parse_replay(cfg.replay) if cfg.replay else None
     tokenizer = load_tokenizer(model_dir)
     check_model_vocab(model_dir, tokenizer)
+    pad_id = scoring.pad_id(tokenizer)
+    pools = [[s.folder] for s in sources] if weighted else [[s.folder for s in sources]]
+    parts = [_conversation_rows(files, tokenizer, template, pad_id, cfg, progress) for files in pools]
+    if not weighted and replay is None:
+        return parts[0]
+    rows = [part for part, _ in parts]
+    names = [str(s.folder) for s in sources] if weighted else ["conversations"]
+    weights = [s.weight for s in sources] if weighted else [1.0]
+    if replay is not None and replay[1] > 0:
+        weights = [w / sum(weights) * (1 - replay[1]) for w in weights] + [replay[1]]
+        rows.append(_replay_rows(replay[0], model_dir, cfg))
+        names.append(f"replay {replay[0]}")
+    mixed = MixedTrainData(rows, names, weights, cfg.seed, cfg.mix_exhausted, pad_id)
+    summary = {key: sum(summary[key] for _, summary in parts) for key in parts[0][1]
+               if isinstance(parts[0][1][key], int) and not isinstance(parts[0][1][key], bool)}
+    summary.update(skipped=[row for _, part in parts for row in part["skipped"]][:100], packing=cfg.packing,
+                   train_rows=mixed.num_train(), useful_token_share=useful_share(mixed.sample_tokens()),
+                   sources=dict(zip(names, (round(float(x), 6) for x in mixed.schedule.share), strict=True)))
+    return mixed, summary
+
+
+def parse_replay(spec: str) -> tuple[Path, float]:
+    """`DIR:FRACTION`, the fraction of SFT rows that are packed pretraining blocks, in [0, 1)."""
+    folder, sep, fraction = str(spec).rpartition(":")
+    try:
+        value = float(fraction) if sep else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise ZhllamaError(f"--replay {spec}: give DIR:FRACTION with a fraction in [0, 1), e.g. packed-zh:0.2")
+    return Path(folder), value
+
+
+def _conversation_rows(files: list[Path], tokenizer, template, pad_id: int, cfg: SftConfig, progress: bool):
+    from zhllama.data.conversations import read_conversations
+    from zhllama.data.readers import ReadReport
+    from zhllama.data.sft_batches import tokenize_examples
+
+    report = ReadReport()
+    conversations = read_conversations(files, report)
     examples = tokenize_examples(tokenizer, template, conversations, cfg.seq_len, cfg.train_on_prompt, progress)
     examples.warn(cfg.seq_len)
     if len(examples) == 0:
         raise ZhllamaError(f"none of the {len(conversations)} conversations could be used (see the warnings)")
     train_ids, val_ids = split_conversations(len(examples), cfg.val_fraction, cfg.seed)
-    pad_id = scoring.pad_id(tokenizer)
-    data_ = SftTrainData(examples.subset(train_ids), examples.subset(val_ids) if val_ids else None,
-                         cfg.seq_len, cfg.packing, pad_id)
+    rows = SftTrainData(examples.subset(train_ids), examples.subset(val_ids) if val_ids else None,
+                        cfg.seq_len, cfg.packing, pad_id)
     summary = {**examples.counts(), "rows_skipped": len(report.skipped), "skipped": report.skipped[:100],
-               "train_examples": len(train_ids), "val_examples": len(val_ids), "train_rows": data_.num_train(),
-               "packing": cfg.packing, "useful_token_share": data_.useful_share()}
-    return data_, summary
+               "train_examples": len(train_ids), "val_examples": len(val_ids), "train_rows": rows.num_train(),
+               "packing": cfg.packing, "useful_token_share": rows.useful_share()}
+    return rows, summary
+
+
+def _replay_rows(folder: Path, model_dir: Path, cfg: SftConfig):
+    """Packed pretraining blocks as SFT rows (the first seq_len tokens of each), loss on every token; they take no
+    part in validation, which stays on the conversations."""
+    from zhllama.data.pack import PackedData, check_tokenizer
+    from zhllama.train.pretrain import PackedTrainData
+
+    packed = PackedData(folder, "train")
+    check_tokenizer(packed, model_dir)
+    rows = PackedTrainData(folder, min(cfg.seq_len, packed.seq_len), cfg.reset_position_ids)
+    rows.val = None
+    return rows
+
+
+def useful_share(counts: np.ndarray) -> float:
+    """Share of the row slots that hold real tokens (the rest is padding)."""
+    return float(counts.sum()) / max(1, int(counts.max(initial=0)) * len(counts))
 
 
 def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: SftConfig,
@@ -109,6 +168,7 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
     import torch.distributed as dist
 
     from zhllama.chat import get_template
+    from zhllama.data.mix import parse_source
 
     model_dir, out = Path(model_dir), Path(out)
     if cfg.trainable == "qlora":
@@ -124,7 +184,7 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, cfg: Sft
                              rope_factor=cfg.rope_factor)
     model = prepare_trainable(base, cfg, base_vocab_size(model_dir))
     args = {"model": str(model_dir), "data": [str(p) for p in data], "config": to_dict(cfg), "resume": resume}
-    inputs = {"tokenizer": tokenizer_sha256(model_dir), "data": [file_sha256(Path(p)) for p in data]}
+    inputs = {"tokenizer": tokenizer_sha256(model_dir), "data": [file_sha256(parse_source(p).folder) for p in data]}
     write_provenance(out, "train sft", args, inputs)
     result = train_loop(model, train_data, cfg, out, resume=resume and latest_checkpoint(out) is not None)
     if not dist.is_initialized() or dist.get_rank() == 0:
