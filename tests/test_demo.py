@@ -20,18 +20,22 @@ def test_quick_demo_runs_the_whole_road(tmp_path, monkeypatch):
     assert sum(sft["after"]["predicted"].values()) == 40
     final = tmp_path / "demo" / "run-sft" / "final"
     assert "<s>Human: " in (final / "chat_template.jinja").read_text()
+    dpo = summary["dpo"]
+    assert dpo["pairs"] == 64 and dpo["steps"] == 4 and dpo["before"] == sft["after"]
+    assert list(dpo["reward_accuracy"]) == [2, 4] and sum(dpo["after"]["predicted"].values()) == 40
+    assert "<s>Human: " in (tmp_path / "demo" / "run-dpo" / "final" / "chat_template.jinja").read_text()
     for folder in ("tokenizer-llama2", "tokenizer-zh", "model-tiny-llama2", "model-tiny-zh", "packed",
-                   "run-pretrain", "run-sft"):
+                   "run-pretrain", "run-sft", "run-dpo", "run-dpo/final"):
         assert (tmp_path / "demo" / folder / "zhllama.json").exists()
     serve = summary["serve"]
     assert serve["requests"] == 16 and serve["same_replies"] is True  # batching does not change greedy replies
     scores = summary["eval"]
     assert list(scores) == ["tiny, Llama-2 vocab (random)", "tiny + zh vocab (mean init)", "after pretraining",
-                            "after SFT"]
+                            "after SFT", "after DPO"]
     bits = [scores[name]["ppl"]["bits_per_char"] for name in scores]
     assert bits[2] < bits[1]  # pretraining lowers bits per character on held-out text
     assert len({scores[name]["ppl"]["chars"] for name in scores}) == 1  # every model reads the same characters
-    # Stage 9's retention figures are stage 11's bits per character of the same two models
+    # Stage 9's retention figures are stage 12's bits per character of the same two models
     assert sft["replay"] == 0.2 and sft["heldout_bits_per_char"] == {
         "after_pretraining": scores["after pretraining"]["ppl"]["bits_per_char"],
         "after_sft": scores["after SFT"]["ppl"]["bits_per_char"]}
@@ -44,8 +48,9 @@ def test_quick_demo_runs_the_whole_road(tmp_path, monkeypatch):
         assert sum(pred.values()) == row["quiz_questions"] == 16, name
         assert row["quiz_correct"] <= min(pred["A"], gold["A"]) + min(pred["B"], gold["B"]), name
         assert row["quiz_accuracy"] == row["quiz_correct"] / 16, name
-    # SFT changed the model (a stage that saved its input unchanged would give the same figure).
+    # SFT and DPO changed the model (a stage that saved its input unchanged would give the same figure).
     assert scores["after SFT"]["ppl"]["nll_sum"] != scores["after pretraining"]["ppl"]["nll_sum"]
+    assert scores["after DPO"]["ppl"]["nll_sum"] != scores["after SFT"]["ppl"]["nll_sum"]
     gguf = summary["gguf"]
     assert gguf["file"].endswith("model-q8_0.gguf") and gguf["bytes"] > 0
     assert gguf["answers"]["llama.cpp q8_0"] and gguf["answers"]["HF fp32"]  # both backends answered

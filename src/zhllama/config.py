@@ -161,6 +161,24 @@ class SftConfig(TrainConfig):
 
 
 @dataclass
+class DpoConfig(TrainConfig):
+    """Preference training (`train dpo`): the training settings plus the pairs' template and the loss."""
+
+    template: str | None = option(None, help="atom|llama2|chatml|llama3 (required, from the recipe or this flag); "
+                                  "prompts render as SFT renders them")
+    seq_len: int | None = option(1024, help="tokens per side (prompt + reply); longer pairs lose their oldest turns")
+    loss: str = option("dpo", help="dpo|orpo|simpo (orpo and simpo need no reference model)")
+    beta: float | None = option(None, help="the loss's beta (default: dpo 0.1, orpo 0.1, simpo 2.0)")
+    gamma: float = option(0.5, help="SimPO's target reward margin")
+    label_smoothing: float = 0.0  # conservative DPO / SimPO: the share of pairs assumed to be mislabelled
+    val_fraction: float = 0.05  # pairs held out for the validation loss and reward accuracy
+    lr: float = option(5e-6)
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = option(50)
+
+
+@dataclass
 class CleanConfig:
     """`zhllama data clean`: filter thresholds and deduplication."""
 

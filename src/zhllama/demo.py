@@ -142,11 +142,13 @@ def run_demo(out: Path, quick: bool = False, base: str = "llama2") -> dict:
     _done(t)
 
     summary["sft"] = _sentiment_sft(out, run / "final", quick, start.template, packed)
-    summary["serve"] = _serving(out / "run-sft" / "final", quick)
+    summary["dpo"] = _preference(out, out / "run-sft" / "final", quick, start.template)
+    chat_model = out / "run-dpo" / "final"
+    summary["serve"] = _serving(chat_model, quick)
     summary["eval"] = _evaluation({f"tiny, {start.label} vocab (random)": base_model,
                                    "tiny + zh vocab (mean init)": zh_model, "after pretraining": run / "final",
-                                   "after SFT": out / "run-sft" / "final"}, quick)
-    summary["gguf"] = _gguf(out, out / "run-sft" / "final")
+                                   "after SFT": out / "run-sft" / "final", "after DPO": chat_model}, quick)
+    summary["gguf"] = _gguf(out, chat_model)
     write_json_atomic(out / "summary.json", summary)
     print(f"\nEverything is under {out}/ (summary.json holds the figures).")
     return summary
@@ -178,8 +180,6 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool, template: str, pack
     """Stage 9: teach the pretrained model review sentiment through SFT, scored on held-out reviews, with a share of
     pretraining blocks replayed so that held-out Chinese text stays modelled (bits per character before/after)."""
     from zhllama.config import SftConfig, load_config
-    from zhllama.eval.choice import choice_accuracy
-    from zhllama.model.loading import load_model, load_tokenizer
     from zhllama.train import sft
 
     t = _stage("9. SFT: review sentiment (判断下面这条评论的情感倾向 -> 正面/负面), held-out accuracy before/after")
@@ -187,24 +187,19 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool, template: str, pack
     train_file = out / "corpus" / "sentiment_sft.jsonl"
     write_text_atomic(train_file, "".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")},
                                                      ensure_ascii=False) + "\n" for r in records))
-    heldout = builtin.sentiment_examples("heldout", 40 if quick else None)
-    prompts = [builtin.sentiment_prompt(r) for r in heldout]
-    choices = [builtin.SENTIMENT_ANSWERS["pos"], builtin.SENTIMENT_ANSWERS["neg"]]
-    answers = [0 if r["label"] == "pos" else 1 for r in heldout]
     quick_settings = dict(max_steps=4, batch_size=4, save_every=4, eval_every=4, eval_batches=2, log_every=1,
                           warmup_steps=1)
     cfg = load_config(SftConfig, "sft_sentiment_tiny", {"template": template, "replay": f"{packed}:{REPLAY}",
                                                          **(quick_settings if quick else {})})
-    tok = load_tokenizer(base_model)
-    before = choice_accuracy(load_model(base_model), tok, cfg.template, prompts, choices, answers)
+    before = _sentiment_accuracy(base_model, quick, cfg.template)
     shutil.rmtree(out / "run-sft", ignore_errors=True)
     run = sft(base_model, [train_file], out / "run-sft", cfg)
-    after = choice_accuracy(load_model(run / "final"), tok, cfg.template, prompts, choices, answers)
+    after = _sentiment_accuracy(run / "final", quick, cfg.template)
     texts = _heldout_texts(quick)
     kept = {"after_pretraining": _bits_per_char(base_model, texts), "after_sft": _bits_per_char(run / "final", texts)}
     change = kept["after_sft"] / kept["after_pretraining"] - 1
     print(f"{len(records):,} training reviews, {cfg.max_steps} steps, {REPLAY:.0%} of the rows replayed pretraining "
-          f"blocks; held-out accuracy on {len(heldout)} reviews: {before['accuracy']:.1%} -> {after['accuracy']:.1%} "
+          f"blocks; held-out accuracy on {after['n']} reviews: {before['accuracy']:.1%} -> {after['accuracy']:.1%} "
           f"(answers before {before['predicted']}, after {after['predicted']}); chat model with its template: "
           f"{run / 'final'}")
     print(f"retention: held-out Chinese bits per character {kept['after_pretraining']:.3f} after pretraining -> "
@@ -214,14 +209,60 @@ def _sentiment_sft(out: Path, base_model: Path, quick: bool, template: str, pack
             "replay": REPLAY, "heldout_bits_per_char": kept, "bits_per_char_change": change}
 
 
+def _preference(out: Path, sft_model: Path, quick: bool, template: str) -> dict:
+    """Stage 10: DPO with LoRA on pairs built from the training reviews (the right label chosen, the wrong one
+    rejected); held-out sentiment accuracy before and after, and the held-out pairs' reward accuracy."""
+    from zhllama.config import DpoConfig, load_config
+    from zhllama.runs import read_log
+    from zhllama.train.dpo import dpo
+
+    t = _stage("10. Preference training: DPO with LoRA on review pairs (chosen: the right label, rejected: the "
+               "wrong one)")
+    records = builtin.sentiment_examples("train", 64 if quick else 4000, seed=7)
+    other = {"pos": "neg", "neg": "pos"}
+    pairs_file = out / "corpus" / "sentiment_pairs.jsonl"
+    write_text_atomic(pairs_file, "".join(json.dumps(
+        {"instruction": r["instruction"], "input": r["input"], "chosen": builtin.SENTIMENT_ANSWERS[r["label"]],
+         "rejected": builtin.SENTIMENT_ANSWERS[other[r["label"]]]}, ensure_ascii=False) + "\n" for r in records))
+    quick_settings = dict(max_steps=4, batch_size=4, save_every=4, eval_every=2, eval_batches=2, log_every=1,
+                          warmup_steps=1)
+    cfg = load_config(DpoConfig, "dpo_sentiment_tiny", {"template": template, **(quick_settings if quick else {})})
+    shutil.rmtree(out / "run-dpo", ignore_errors=True)
+    before = _sentiment_accuracy(sft_model, quick, cfg.template)
+    run = dpo(sft_model, [pairs_file], out / "run-dpo", cfg)
+    after = _sentiment_accuracy(run / "final", quick, cfg.template)
+    val = [r for r in read_log(run) if r["kind"] == "val"]
+    print(f"{len(records):,} pairs, {cfg.max_steps} steps of LoRA DPO (beta {cfg.beta}); held-out sentiment "
+          f"accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%} (answers {after['predicted']}); reward "
+          f"accuracy on held-out pairs {val[0]['reward_accuracy']:.1%} at step {val[0]['step']} -> "
+          f"{val[-1]['reward_accuracy']:.1%} at step {val[-1]['step']} (0 at the start: the policy is the reference)")
+    _done(t)
+    return {"pairs": len(records), "steps": cfg.max_steps, "before": before, "after": after,
+            "reward_accuracy": {r["step"]: r["reward_accuracy"] for r in val},
+            "reward_margin": {r["step"]: r["reward_margin"] for r in val}}
+
+
+def _sentiment_accuracy(model_dir: Path, quick: bool, template: str) -> dict:
+    """Accuracy on the held-out reviews: the answer (正面/负面) the model finds more likely after the prompt."""
+    from zhllama.eval.choice import choice_accuracy
+    from zhllama.model.loading import load_model, load_tokenizer
+
+    heldout = builtin.sentiment_examples("heldout", 40 if quick else None)
+    prompts = [builtin.sentiment_prompt(r) for r in heldout]
+    choices = [builtin.SENTIMENT_ANSWERS["pos"], builtin.SENTIMENT_ANSWERS["neg"]]
+    answers = [0 if r["label"] == "pos" else 1 for r in heldout]
+    return choice_accuracy(load_model(model_dir), load_tokenizer(model_dir), template, prompts, choices, answers,
+                           progress=False)
+
+
 def _serving(chat_model: Path, quick: bool) -> dict:
-    """Stage 10: serve the SFT model over the OpenAI API; the same held-out reviews one by one and all at once."""
+    """Stage 11: serve the SFT model over the OpenAI API; the same held-out reviews one by one and all at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from zhllama.infer import load_engine
     from zhllama.serve import ServeConfig, serve_in_thread
 
-    t = _stage("10. Serve it: OpenAI-compatible API with continuous batching (one at a time vs 16 at once)")
+    t = _stage("11. Serve it: OpenAI-compatible API with continuous batching (one at a time vs 16 at once)")
     engine = load_engine(chat_model, device="cpu", name="zhllama-demo")
     background = serve_in_thread(engine, ServeConfig(port=0, max_concurrency=16))
     try:
@@ -278,13 +319,13 @@ def _review_quiz(split: str, n: int, seed: int) -> list:
 
 
 def _evaluation(models: dict[str, Path], quick: bool) -> dict:
-    """Stage 11: perplexity and bits per character on held-out text, and a 5-shot CMMLU-format quiz, per model."""
+    """Stage 12: perplexity and bits per character on held-out text, and a 5-shot CMMLU-format quiz, per model."""
     from zhllama.eval.mc import evaluate
     from zhllama.eval.mc_data import SubjectInfo
     from zhllama.eval.ppl import perplexity
     from zhllama.model.loading import load_checked
 
-    t = _stage("11. Evaluate every stage: held-out perplexity, bits per character, 5-shot CMMLU-format quiz")
+    t = _stage("12. Evaluate every stage: held-out perplexity, bits per character, 5-shot CMMLU-format quiz")
     texts = _heldout_texts(quick)
     quiz = {"review_sentiment": _review_quiz("heldout", 16 if quick else 100, seed=2)}
     dev = {"review_sentiment": _review_quiz("train", 5, seed=3)}
@@ -312,11 +353,11 @@ def _evaluation(models: dict[str, Path], quick: bool) -> dict:
 
 
 def _gguf(out: Path, chat_model: Path) -> dict:
-    """Stage 12: export the chat model to GGUF q8_0 and ask it one question through llama.cpp."""
+    """Stage 13: export the chat model to GGUF q8_0 and ask it one question through llama.cpp."""
     from zhllama.export.gguf import export_gguf
     from zhllama.infer import SamplingParams, load_engine
 
-    t = _stage("12. Deploy: export to GGUF q8_0 and answer through llama.cpp")
+    t = _stage("13. Deploy: export to GGUF q8_0 and answer through llama.cpp")
     gguf = Path(export_gguf(chat_model, out / "model-q8_0.gguf", "q8_0"))
     review = builtin.sentiment_examples("heldout", 2, seed=5)[0]  # balanced: the smallest request is one of each
     messages = builtin.sentiment_prompt(review)

@@ -36,12 +36,22 @@ def _encode(tokenizer: Any, segments: Segments, train_on_prompt: bool) -> tuple[
     return ids, labels
 
 
+def _last_reply_only(segments: Segments) -> Segments:
+    """The segments with only the last run of target segments (the last reply and its marker) still a target."""
+    last = max((i for i, (_, target) in enumerate(segments) if target), default=-1)
+    first = last
+    while first > 0 and segments[first - 1][1]:
+        first -= 1
+    return [(text, target and i >= first) for i, (text, target) in enumerate(segments)]
+
+
 def tokenize_conversation(
     tokenizer: Any,
     template: str | ChatTemplate,
     messages: Any,
     max_len: int | None = None,
     train_on_prompt: bool = False,
+    only_last_reply: bool = False,
     **variables: str,
 ) -> dict[str, Any]:
     """Token ids and labels of a conversation for SFT.
@@ -53,6 +63,8 @@ def tokenize_conversation(
     conversation fits; ``dropped_turns`` says how many. If the last turn alone does not fit, ZhllamaError is raised,
     as it is when the tokenizer lacks the template's special tokens (``check_template_tokens``; a caller looping
     over many conversations checks once, before the loop). ``variables`` are the template's (``date_string``).
+    With ``only_last_reply`` only the last assistant reply (and its marker) is a target, as preference training
+    scores just the reply being compared; the ids do not change.
     """
     tokens = control_tokens(tokenizer)  # once: with Llama-3's 256 added tokens the lookup costs more than encoding
     tpl = check_template_tokens(tokenizer, template, tokens)
@@ -62,9 +74,14 @@ def tokenize_conversation(
     turns = [(mark(user), None if reply is None else mark(reply)) for user, reply in turns]
     if max_len is not None and max_len < 1:
         raise ZhllamaError(f"max_len must be positive, got {max_len}")
+    if only_last_reply and train_on_prompt:
+        raise ZhllamaError("only_last_reply and train_on_prompt cannot be combined")
     dropped = 0
     while True:
-        ids, labels = _encode(tokenizer, tpl._segments(system, turns, False, **variables), train_on_prompt)
+        segments = tpl._segments(system, turns, False, **variables)
+        if only_last_reply:
+            segments = _last_reply_only(segments)
+        ids, labels = _encode(tokenizer, segments, train_on_prompt)
         if max_len is None or len(ids) <= max_len:
             return {"input_ids": ids, "labels": labels, "dropped_turns": dropped}
         if len(turns) == 1:

@@ -1,4 +1,4 @@
-"""Commands that train: train pretrain, train sft, lora merge, and the recipes they read."""
+"""Commands that train: train pretrain, train sft, train dpo, lora merge, and the recipes they read."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from zhllama.cli.apps import app, lora_app, train_app
 from zhllama.cli.options import Inputs, Model, Out, Recipe, Resume, config_options
-from zhllama.config import SftConfig, TrainConfig
+from zhllama.config import DpoConfig, SftConfig, TrainConfig
 
 
 @train_app.command("pretrain")
@@ -35,6 +35,19 @@ def train_sft(model_dir: Model,
     from zhllama.train import sft
 
     typer.echo(sft(model_dir, data, out, load_config(SftConfig, config, overrides), resume=resume))
+
+
+@train_app.command("dpo")
+@config_options(DpoConfig)
+def train_dpo(model_dir: Model,
+              data: Inputs = typer.Option(..., "--data", help="preference pairs: LLaMA-Factory's format "
+                                          "(conversations + chosen + rejected) or Alpaca-style .json/.jsonl files"),
+              out: Out = ..., config: Recipe = None, resume: Resume = False, *, overrides: dict):
+    """Preference training (DPO, ORPO, SimPO) on chosen/rejected replies, after SFT; full or LoRA."""
+    from zhllama.config import load_config
+    from zhllama.train.dpo import dpo
+
+    typer.echo(dpo(model_dir, data, out, load_config(DpoConfig, config, overrides), resume=resume))
 
 
 @lora_app.command("merge")

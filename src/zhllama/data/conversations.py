@@ -92,15 +92,19 @@ def record_to_messages(record: Any) -> Conversation:
     """Messages of one Alpaca, ShareGPT or ``messages`` record, validated; ZhllamaError says why not."""
     if not isinstance(record, dict):
         raise ZhllamaError(f"expected a JSON object, got {type(record).__name__}")
+    return _finish(record_messages(record))
+
+
+def record_messages(record: dict, alpaca_output: bool = True) -> Any:
+    """The unvalidated messages of an Alpaca, ShareGPT or ``messages`` record. Without ``alpaca_output`` an Alpaca
+    record ends with its user turn (preference records carry their replies elsewhere)."""
     if "instruction" in record:
-        messages = _alpaca(record)
-    elif "conversations" in record:
-        messages = _sharegpt(record)
-    elif "messages" in record:
-        messages = record["messages"]
-    else:
-        raise ZhllamaError("no `instruction`, `conversations` or `messages` field")
-    return _finish(messages)
+        return _alpaca(record, alpaca_output)
+    if "conversations" in record:
+        return _sharegpt(record)
+    if "messages" in record:
+        return record["messages"]
+    raise ZhllamaError("no `instruction`, `conversations` or `messages` field")
 
 
 def _finish(messages: Any) -> Conversation:
@@ -118,13 +122,13 @@ def _system_message(record: dict) -> list[dict[str, Any]]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _alpaca(record: dict) -> list[dict[str, Any]]:
+def _alpaca(record: dict, with_output: bool = True) -> list[dict[str, Any]]:
     instruction, inp, output = record.get("instruction"), record.get("input"), record.get("output")
     if not isinstance(instruction, str):
         raise ZhllamaError(f"`instruction` must be a string, got {type(instruction).__name__}")
     if inp is not None and not isinstance(inp, str):
         raise ZhllamaError(f"`input` must be a string, got {type(inp).__name__}")
-    if not isinstance(output, str):
+    if with_output and not isinstance(output, str):
         raise ZhllamaError(f"`output` must be a string, got {type(output).__name__}")
     messages = _system_message(record)
     history = record.get("history")
@@ -139,7 +143,8 @@ def _alpaca(record: dict) -> list[dict[str, Any]]:
         messages.append({"role": "assistant", "content": pair[1]})
     user = instruction + ("\n" + inp if inp else "")
     messages.append({"role": "user", "content": user})
-    messages.append({"role": "assistant", "content": output})
+    if with_output:
+        messages.append({"role": "assistant", "content": output})
     return messages
 
 

@@ -1,9 +1,10 @@
-"""The one training loop, shared by continued pretraining and SFT.
+"""The one training loop, shared by continued pretraining, SFT and preference training.
 
-The data decides what a batch is (packed blocks, or templated conversations with loss masks); the loop
-decides everything else: precision, accumulation, schedule, clipping, distribution, checkpoints, logging.
-Every step sees the same global batch whatever the number of processes, and the loss is normalised by the
-global number of target tokens, so a 2-process run follows a 1-process run with the same global batch.
+The data decides what a batch is (packed blocks, templated conversations with loss masks, preference pairs) and
+the objective what is minimised (train/objective.py); the loop decides everything else: precision, accumulation,
+schedule, clipping, distribution, checkpoints, logging. Every step sees the same global batch whatever the number
+of processes, and the loss is normalised by the global number of units (target tokens, or pairs), so a 2-process
+run follows a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from tqdm import tqdm
 from zhllama.config import TrainConfig
 from zhllama.errors import ZhllamaError
 from zhllama.runs import latest_checkpoint
-from zhllama.scoring import IGNORE, token_nll
+from zhllama.scoring import IGNORE, token_nll  # noqa: F401 (IGNORE: callers take it from here)
 from zhllama.train import checkpoint, engine
 from zhllama.train.logs import RunLog, plot_loss
+from zhllama.train.objective import LanguageModelling, Objective
 from zhllama.train.trainable import parameter_groups, trainable_state
 
 
@@ -156,7 +158,7 @@ def _all_max(accelerator, *values: float) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | None:
+def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator, objective: Objective) -> dict | None:
     batches = data.val_batches(cfg.batch_size, cfg.eval_batches, accelerator.process_index,
                                accelerator.num_processes)
     # Sharded engines gather weights inside every forward, a collective: every rank runs as many forwards as the
@@ -164,19 +166,20 @@ def evaluate(model, data: TrainData, cfg: TrainConfig, accelerator) -> dict | No
     (most,) = _all_max(accelerator, len(batches))
     filler = batches[:1] or data.val_batches(cfg.batch_size, 1, 0, 1)[:1]
     model.eval()
-    total = count = correct = 0.0
+    sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
     for i in range(int(most)):
         batch = batches[i] if i < len(batches) else filler[0]
         with accelerator.autocast():
-            loss, n, c = token_loss(model, {k: v.to(accelerator.device) for k, v in batch.items()}, True)
-        if i < len(batches):
-            total, count, correct = total + float(loss), count + n, correct + c
+            loss, stats = objective(model, {k: v.to(accelerator.device) for k, v in batch.items()}, True)
+        counted = i < len(batches)  # every rank sees every key, so the sums below line up across ranks
+        for key, value in {"loss": loss, "units": objective.units(batch), **stats}.items():
+            sums[key] = sums.get(key, 0.0) + (float(value) if counted else 0.0)
     model.train()
-    total, count, correct = _all_sum(accelerator, total, count, correct)
-    if count == 0:
+    totals = dict(zip(sums, _all_sum(accelerator, *sums.values()), strict=True))
+    units = totals.pop("units")
+    if units == 0:
         return None
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": correct / count}
+    return objective.summary({key: value / units for key, value in totals.items()})
 
 
 @contextmanager
@@ -204,13 +207,16 @@ def run_accelerator(precision: str, grad_accum: int):
         GradientState._reset_state()
 
 
-def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool) -> LoopResult:
+def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool,
+               objective: Objective | None = None) -> LoopResult:
+    """Train `model` for cfg.max_steps on `data`, minimising `objective` (default: next-token cross-entropy)."""
     precision = resolve_precision(cfg.precision)
     with run_accelerator(precision, cfg.grad_accum) as accelerator:
-        return _train(accelerator, model, data, cfg, run_dir, resume)
+        return _train(accelerator, model, data, cfg, run_dir, resume, objective or LanguageModelling())
 
 
-def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool) -> LoopResult:
+def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool,
+           objective: Objective) -> LoopResult:
     from accelerate.utils import set_seed
 
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -260,37 +266,37 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
     window_tokens, window_start = 0, time.perf_counter()
     for step in bar:
         micro = [data.train_batch(sample_ids(step, m, rank, cfg, world, n)) for m in range(cfg.grad_accum)]
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        (global_targets,) = _all_sum(accelerator, local_targets)
-        step_loss = 0.0
+        (global_units,) = _all_sum(accelerator, sum(objective.units(b) for b in micro))
+        step_sums = {"loss": 0.0}
         for batch in micro:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss_sum, _, _ = token_loss(model, batch)
-                # Sum over the global batch / its target count; accelerate averages over ranks and
-                # divides by the accumulation steps, which the two factors undo.
-                accelerator.backward(loss_sum * (world * cfg.grad_accum / global_targets))
-                step_loss += float(loss_sum.detach()) / global_targets
+                    loss_sum, stats = objective(model, batch)
+                # Sum over the global batch / its units; accelerate averages over ranks and divides by the
+                # accumulation steps, which the two factors undo.
+                accelerator.backward(loss_sum * (world * cfg.grad_accum / global_units))
+                for key, value in {"loss": loss_sum.detach(), **stats}.items():
+                    step_sums[key] = step_sums.get(key, 0.0) + float(value) / global_units
                 if accelerator.sync_gradients:
                     grad_norm = _as_float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        (step_loss,) = _all_sum(accelerator, step_loss)
+        means = objective.summary(dict(zip(step_sums, _all_sum(accelerator, *step_sums.values()), strict=True)))
         step_tokens = sum(b["input_ids"].numel() for b in micro) * world
         window_tokens += step_tokens
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            log.write({"kind": "train", "step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+            log.write({"kind": "train", "step": done, **means, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens": tokens_seen(done, cfg, world, sample_tokens),
                        "tokens_per_s": rate, "precision": precision, **_source_shares(data, sources, done, cfg,
                                                                                        world, sample_tokens)})
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{means['loss']:.3f}", tok_s=f"{rate:,.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            last_val = evaluate(model, data, cfg, accelerator)
+            last_val = evaluate(model, data, cfg, accelerator, objective)
             if last_val:
                 log.write({"kind": "val", "step": done, **last_val})
         if done % cfg.save_every == 0 or done == cfg.max_steps:
