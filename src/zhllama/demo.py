@@ -347,7 +347,8 @@ def _evaluation(models: dict[str, Path], quick: bool) -> dict:
     print("| model | vocab | tokens/char | perplexity | bits/char | quiz accuracy |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nPerplexity depends on the vocabulary; bits per character does not, so it is the one to compare across "
-          "the base and extended tokenizers. SFT on a single task costs general text modelling (watch bits/char).")
+          "the base and extended tokenizers. SFT on a single task would cost general text modelling; stage 9's replay "
+          "keeps it (watch bits/char).")
     _done(t)
     return results
 

@@ -79,12 +79,16 @@ def test_alpaca_and_messages_jsonl(tmp_path):
         {"instruction": "那北京呢？", "input": "", "system": "你是地理老师。", "history": [["上海在哪里？", "东部。"]],
          "chosen": "北京在华北。", "rejected": "不知道。"},
         {"messages": [S("s"), U("问"), A("答"), U("再问")], "chosen": A("好答"), "rejected": "坏答"},
+        {"prompt": "天空是什么颜色？", "chosen": "蓝色。", "rejected": "绿色。"},  # TRL, standard
+        {"prompt": [U("天空是什么颜色？")], "chosen": [A("蓝色。")], "rejected": [A("绿色。")]},  # TRL, conversational
     ]
     assert read_preference_pairs([write_jsonl(tmp_path / "p.jsonl", records)]) == [
         PreferencePair([U("翻译成英文\n你好")], "Hello", "Goodbye"),
         PreferencePair([S("你是地理老师。"), U("上海在哪里？"), A("东部。"), U("那北京呢？")],
                        "北京在华北。", "不知道。"),
         PreferencePair([S("s"), U("问"), A("答"), U("再问")], "好答", "坏答"),
+        PreferencePair([U("天空是什么颜色？")], "蓝色。", "绿色。"),
+        PreferencePair([U("天空是什么颜色？")], "蓝色。", "绿色。"),
     ]
 
 
@@ -110,7 +114,7 @@ def test_bad_jsonl_records_are_skipped_with_file_line_and_kind(tmp_path):
         {"conversations": [{"from": "bing", "value": "?"}], "chosen": "好", "rejected": "坏"},  # 11
         {"messages": [A("先答"), U("后问")], "chosen": "好", "rejected": "坏"},  # 12
         ["not", "an", "object"],  # 13
-        {"prompt": "问", "chosen": "好", "rejected": "坏"},  # 14
+        {"question": "问", "chosen": "好", "rejected": "坏"},  # 14
         {"instruction": 5, "chosen": "好", "rejected": "坏"},  # 15
         {"messages": [S("只有系统")], "chosen": "好", "rejected": "坏"},  # 16
         {"instruction": "问", "chosen": "好", "rejected": {"role": "assistant", "content": None}},  # 17
@@ -136,7 +140,7 @@ def test_bad_jsonl_records_are_skipped_with_file_line_and_kind(tmp_path):
         f"{p}:12: bad prompt: message 0: expected role 'user' (not 'assistant'); "
         "roles must be an optional system message, then user/assistant alternating, starting with user",
         f"{p}:13: not a JSON object (got list)",
-        f"{p}:14: no `instruction`, `conversations` or `messages` field",
+        f"{p}:14: no `instruction`, `conversations`, `messages` or `prompt` field",
         f"{p}:15: bad prompt: `instruction` must be a string, got int",
         f"{p}:16: bad prompt: a conversation needs at least one user message",
         f"{p}:17: bad `rejected`: content must be a string, got NoneType",

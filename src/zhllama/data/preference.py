@@ -7,7 +7,9 @@ reply:
 * LLaMA-Factory's ShareGPT preference format: ``conversations`` (``from``/``value`` items, an optional top-level
   ``system``), and ``chosen``/``rejected`` as ``{"from": "gpt", "value": …}``;
 * Alpaca style: ``instruction``, optional ``input``, ``system`` and ``history``, with ``chosen``/``rejected``;
-* OpenAI style: ``messages`` ending with a user message, with ``chosen``/``rejected``.
+* OpenAI style: ``messages`` ending with a user message, with ``chosen``/``rejected``;
+* TRL's layout: ``prompt`` (a user message as text, or messages), with ``chosen``/``rejected`` as text or as a
+  list of one assistant message.
 
 A reply is a string, ``{"from": "gpt"|"assistant", "value": …}`` or ``{"role": "assistant", "content": …}``.
 A record that fails is recorded as ``"file:line: why"`` and skipped; ``why`` starts with one of the phrases of
@@ -32,7 +34,8 @@ from zhllama.data.readers import ReadReport, input_paths
 from zhllama.errors import ZhllamaError
 
 SKIP_KINDS = (
-    "malformed JSON", "not UTF-8 text", "not a JSON object", "no `instruction`, `conversations` or `messages` field",
+    "malformed JSON", "not UTF-8 text", "not a JSON object",
+    "no `instruction`, `conversations`, `messages` or `prompt` field",
     "no `chosen`", "no `rejected`", "bad `chosen`", "bad `rejected`", "empty `chosen` reply",
     "empty `rejected` reply", "`chosen` equals `rejected`", "bad prompt", "prompt does not end with a user turn",
 )
@@ -61,6 +64,8 @@ def _reply(record: dict, name: str) -> str:
     if name not in record:
         raise _BadRecord(f"no `{name}`")
     value = record[name]
+    if isinstance(value, list) and len(value) == 1:  # TRL's conversational layout: a list of one message
+        value = value[0]
     if isinstance(value, dict):
         speaker = value.get("from", value.get("role"))
         if speaker not in _REPLY_SPEAKERS:
@@ -84,10 +89,10 @@ def record_to_pair(record: Any) -> PreferencePair:
         # llama2 and llama3 strip replies, so a pair differing only in outer whitespace would train on nothing.
         if chosen.strip() == rejected.strip():
             raise _BadRecord("`chosen` equals `rejected`")
-        if not any(key in record for key in ("instruction", "conversations", "messages")):
-            raise _BadRecord("no `instruction`, `conversations` or `messages` field")
+        if not any(key in record for key in ("instruction", "conversations", "messages", "prompt")):
+            raise _BadRecord("no `instruction`, `conversations`, `messages` or `prompt` field")
         try:
-            prompt = validate_messages(record_messages(record, alpaca_output=False))
+            prompt = validate_messages(_prompt_messages(record))
         except ZhllamaError as exc:
             raise _BadRecord(f"bad prompt: {exc}") from None
         if prompt[-1]["role"] != "user":
@@ -95,6 +100,14 @@ def record_to_pair(record: Any) -> PreferencePair:
     except _BadRecord as exc:
         raise ZhllamaError(str(exc)) from None
     return PreferencePair(prompt, chosen, rejected)
+
+
+def _prompt_messages(record: dict) -> Any:
+    """TRL's `prompt` (a user message as text, or messages), else the prompt of an SFT record format."""
+    if "prompt" in record and not any(key in record for key in ("instruction", "conversations", "messages")):
+        prompt = record["prompt"]
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return record_messages(record, alpaca_output=False)
 
 
 def iter_preference_pairs(paths: list[str | Path], report: ReadReport | None = None) -> Iterator[PreferencePair]:
