@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zhllama import tokenizer
-from zhllama.assets import LLAMA3_TEMPLATE, llama2_vocab_gguf, sdist_file, vocab_gguf
+from zhllama.assets import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, cache_dir, llama2_vocab_gguf, sdist_file, vocab_gguf
 from zhllama.data import builtin
 
 EXTENDED_SIZE = 34_000
@@ -52,6 +52,14 @@ def qwen2_gguf():
 def llama3_template_jinja():
     """Path of Meta's Llama-3.1 Instruct chat template as llama.cpp ships it."""
     return sdist_file(LLAMA3_TEMPLATE, download=False)
+
+
+@pytest.fixture(scope="session")
+def qwen25_template_jinja():
+    """Path of Qwen2.5-7B-Instruct's chat template as llama.cpp ships it (taken from the cached sdist when an older
+    `make setup` did not extract it; never downloaded here)."""
+    sdist_cached = any((cache_dir() / "downloads").glob("llama_cpp_python-*.tar.gz"))
+    return sdist_file(QWEN25_TEMPLATE, download=sdist_cached)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,9 @@ _MODELS = "vendor/llama.cpp/models/"
 # name -> member of the sdist; the names are llama.cpp's own (ggml-vocab-NAME.gguf).
 VOCABS = ("llama-spm", "llama-bpe", "qwen2", "aquila", "baichuan", "deepseek-llm", "gpt-2")
 LLAMA3_TEMPLATE = "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"
+QWEN25_TEMPLATE = "templates/Qwen-Qwen2.5-7B-Instruct.jinja"  # the reference of chatml's tool format
 # Everything `python -m zhllama.assets` caches: the vocabularies and the templates other stages test against.
-ALL_MEMBERS = tuple(f"ggml-vocab-{name}.gguf" for name in VOCABS) + (LLAMA3_TEMPLATE,)
+ALL_MEMBERS = tuple(f"ggml-vocab-{name}.gguf" for name in VOCABS) + (LLAMA3_TEMPLATE, QWEN25_TEMPLATE)
 LLAMA2_VOCAB_MEMBER = _MODELS + "ggml-vocab-llama-spm.gguf"
 
 

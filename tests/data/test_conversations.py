@@ -274,3 +274,91 @@ def test_chinese_and_bom_survive_exactly(tmp_path):
         b"\xef\xbb\xbf" + f'"text"\r\n"<s>Human: {text}\r\n</s><s>Assistant: {text}\r\n</s>"\r\n'.encode()
     )
     assert read_conversations([path, csv_path]) == [[U(text), A(text)], [U(text), A(text)]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tool calls: LLaMA-Factory's format and OpenAI-style messages
+
+WEATHER_FN = {"name": "get_weather", "description": "查询天气",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+WEATHER_TOOL = {"type": "function", "function": WEATHER_FN}
+
+
+def CALL(*calls):
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}
+
+
+def T(text):
+    return {"role": "tool", "content": text}
+
+
+def test_llama_factory_tool_records(tmp_path):
+    def call(name, arguments):
+        return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+    good = {"conversations": [{"from": "human", "value": "北京天气？"},
+                              {"from": "function_call", "value": call("get_weather", {"city": "北京"})},
+                              {"from": "observation", "value": '{"temp": 20}'},
+                              {"from": "gpt", "value": "20度。"}],
+            "tools": json.dumps([WEATHER_FN], ensure_ascii=False), "system": "你是助手。"}
+    parallel = {"conversations": [{"from": "human", "value": "两地？"},
+                                  {"from": "function_call", "value": json.dumps(
+                                      [{"name": "get_weather", "arguments": {"city": "北京"}},
+                                       {"name": "get_weather", "arguments": '{"city": "上海"}'}])},
+                                  {"from": "observation", "value": "[20, 25]"}, {"from": "gpt", "value": "好。"}],
+                "tools": [WEATHER_TOOL]}
+    no_tools = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}], "tools": ""}
+    bad = [
+        {**good, "tools": "[{"},
+        {**good, "tools": json.dumps([{"description": "no name"}])},
+        {"conversations": [good["conversations"][0], {"from": "function_call", "value": "{not json"}]},
+        {"conversations": [good["conversations"][0], {"from": "function_call", "value": '{"name": "f"}'}]},
+        {"conversations": [good["conversations"][0], {"from": "function_call", "value": call("f", "[1]")}]},
+        {"conversations": [good["conversations"][0], {"from": "gpt", "value": "答"},
+                           {"from": "observation", "value": "{}"}, {"from": "gpt", "value": "答"}]},
+        {"conversations": [good["conversations"][0], good["conversations"][1], {"from": "human", "value": "?"}]},
+    ]
+    path = write_jsonl(tmp_path / "tools.jsonl", [good, parallel, no_tools, *bad])
+    report = ReadReport()
+    got = read_conversations([path], report)
+    assert got == [[S("你是助手。"), U("北京天气？"), CALL(("get_weather", {"city": "北京"})), T('{"temp": 20}'),
+                    A("20度。")],
+                   [U("两地？"), CALL(("get_weather", {"city": "北京"}), ("get_weather", {"city": "上海"})),
+                    T("[20, 25]"), A("好。")],
+                   [U("你好"), A("你好！")]]
+    assert [c.tools for c in got] == [[WEATHER_TOOL], [WEATHER_TOOL], None]
+    assert report.skipped == [
+        f"{path}:4: `tools` is not valid JSON (Expecting property name enclosed in double quotes)",
+        f"{path}:5: `tools`: tool 0: function name must be a non-empty string, got None",
+        f"{path}:6: conversations item 1 (function_call): not valid JSON (Expecting property name enclosed in "
+        "double quotes)",
+        f'{path}:7: conversations item 1 (function_call): expected {{"name": …, "arguments": {{…}}}} or a '
+        "non-empty list of them",
+        f"{path}:8: message 1 (assistant): tool call 0 (f): arguments must be a JSON object, got list",
+        f"{path}:9: message 2: expected role 'user' (not 'tool'); a tool message follows an assistant message with "
+        "tool_calls, or another tool message",
+        f"{path}:10: message 2: expected role 'tool' (not 'user'); an assistant message with tool_calls is followed "
+        "by tool messages with the results",
+    ]
+
+
+def test_openai_tool_messages(tmp_path):
+    record = {"messages": [
+        U("北京天气？"),
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"北京"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "晴"}, A("晴天。")], "tools": [WEATHER_TOOL]}
+    path = write_jsonl(tmp_path / "openai.jsonl", [record, {**record, "tools": {"a": 1}},
+                                                   {"messages": record["messages"][:1] + [T("晴")]}])
+    report = ReadReport()
+    (got,) = read_conversations([path], report)
+    assert got == [U("北京天气？"), {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+        {"role": "tool", "content": "晴", "tool_call_id": "call_1"}, A("晴天。")]
+    assert got.tools == [WEATHER_TOOL]
+    assert report.skipped == [
+        f"{path}:2: `tools`: tools must be a list of {{'type': 'function', 'function': {{...}}}} schemas, got dict",
+        f"{path}:3: message 1: expected role 'assistant' (not 'tool'); a tool message follows an assistant message "
+        "with tool_calls, or another tool message"]
+    assert record_to_messages({"messages": [U("a"), A("b")]}).tools is None

@@ -136,7 +136,7 @@ def test_bad_jsonl_records_are_skipped_with_file_line_and_kind(tmp_path):
         f"{p}:9: `chosen` equals `rejected`",
         f"{p}:10: prompt does not end with a user turn (its last message is the assistant's)",
         f"{p}:11: bad prompt: conversations item 0: unknown `from` 'bing' "
-        "(expected one of human, user, gpt, assistant, system)",
+        "(expected one of human, user, gpt, assistant, system, function_call, observation, tool)",
         f"{p}:12: bad prompt: message 0: expected role 'user' (not 'assistant'); "
         "roles must be an optional system message, then user/assistant alternating, starting with user",
         f"{p}:13: not a JSON object (got list)",

@@ -119,3 +119,28 @@ def test_a_template_whose_special_tokens_the_tokenizer_lacks_is_named(tok):
     # Llama-2's vocabulary has no <|eot_id|>: the error names the template, not a "too long" turn.
     with pytest.raises(ZhllamaError, match="chat template llama3 needs the special tokens"):
         tokenize_examples(tok, "llama3", [conv("a", "b")], 64, progress=False)
+
+
+def test_tool_conversations_need_a_template_that_writes_them(tok, tmp_path):
+    """Tools travel with each conversation (Conversation.tools) into the template; a call is a target, a result
+    not; a template without a tool format (or llama3 with parallel calls) skips and counts the conversation."""
+    from zhllama.data.conversations import Conversation
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                "function": {"name": "f", "arguments": {}}}]}
+    with_tools = Conversation([*conv("问"), call, {"role": "tool", "content": "结果"},
+                               {"role": "assistant", "content": "答"}], tools=[tool])
+    trailing = Conversation([*conv("问"), call, {"role": "tool", "content": "没人读的结果"}])
+    plain = conv("你好", "你好！")
+    ex = tokenize_examples(tok, "chatml", [with_tools, trailing, plain], 512, progress=False)
+    assert (len(ex), ex.tool_format) == (3, 0)
+    want = tokenize_conversation(tok, "chatml", with_tools, tools=[tool])
+    assert ex.input_ids[0].tolist() == want["input_ids"] and ex.labels[0][1:].tolist() == want["labels"][1:]
+    assert "结果" not in tok.decode([i for i in want["labels"] if i != IGNORE_INDEX])
+    assert '"name": "f"' in tok.decode(ex.input_ids[0]) and "# Tools" in tok.decode(ex.input_ids[0])
+    assert "没人读的结果" not in tok.decode(ex.input_ids[1])  # trailing results are left out like a trailing user
+    atom = tokenize_examples(tok, "atom", [with_tools, trailing, plain], 512, progress=False)
+    assert (len(atom), atom.tool_format, atom.counts()["skipped_tool_format"]) == (1, 2, 2)
+    assert atom.tool_format_reason == "chat template atom has no tool format; use llama3 or chatml"
+    assert tokenize_examples(tok, "atom", [Conversation(plain, tools=[tool])], 512, progress=False).tool_format == 1

@@ -9,7 +9,9 @@ from zhllama.chat.templates import (
     register_chat_template,
     validate_messages,
 )
+from zhllama.chat.messages import validate_tools
 from zhllama.chat.tokenize import tokenize_conversation
+from zhllama.chat.tools import parse_tool_calls, split_tool_calls
 
 __all__ = [
     "IGNORE_INDEX",
@@ -17,7 +19,10 @@ __all__ = [
     "ChatTemplate",
     "check_template_tokens",
     "get_template",
+    "parse_tool_calls",
     "register_chat_template",
+    "split_tool_calls",
     "tokenize_conversation",
     "validate_messages",
+    "validate_tools",
 ]

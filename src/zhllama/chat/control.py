@@ -79,11 +79,22 @@ def mark(tokenizer: Any, text: str) -> str:
     return marker(tokenizer)(text)
 
 
+def mark_value(mark_text: Callable[[str], str], value: Any) -> Any:
+    """``value`` with every string in it marked: a string, or the values of dicts and the items of lists and tuples
+    (recursively; dict keys are not marked, as in transformers' ``mark_control_tokens``)."""
+    if isinstance(value, str):
+        return mark_text(value)
+    if isinstance(value, dict):
+        return {key: mark_value(mark_text, v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(mark_value(mark_text, v) for v in value)
+    return value
+
+
 def mark_messages(tokenizer: Any, messages: Sequence[dict]) -> list[dict]:
-    """The messages with every string content marked (all roles: system, user, assistant, tool)."""
+    """The messages with every string in them marked (all roles; content, tool calls and their arguments)."""
     mark_text = marker(tokenizer)
-    return [{**m, "content": mark_text(m["content"])} if isinstance(m.get("content"), str) else dict(m)
-            for m in messages]
+    return [mark_value(mark_text, dict(m)) for m in messages]
 
 
 # --------------------------------------------------------------------------------------------------------------

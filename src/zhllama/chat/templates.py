@@ -9,83 +9,44 @@ Conventions shared by all templates:
 
 * A conversation is a list of ``{"role": ..., "content": str}`` messages: an optional single leading ``system``
   message, then ``user`` and ``assistant`` messages alternating, starting with ``user``. It may end with either.
+  ``chatml`` and ``llama3`` also take tool calls and results (``zhllama.chat.messages`` checks the order, and
+  ``zhllama.chat.tools`` writes them: Qwen2.5's and Meta's Llama 3.1 formats) and a ``tools`` list, as
+  ``apply_chat_template(messages, tools=tools)`` does; ``atom`` and ``llama2`` refuse both.
 * The literal strings ``"<s>"`` and ``"</s>"`` that the template writes are the tokenizer's BOS/EOS special tokens:
   a Hugging Face tokenizer maps them to their ids. So rendered text is tokenized with ``add_special_tokens=False``
   (the template writes BOS itself). The same strings inside message content are plain text: prompts are always
   tokenized through ``zhllama.chat.control``, which marks content before rendering (see there).
 * The loss target of an assistant turn is its reply text plus its end-of-turn marker (``stop``); the header in front
   of it (``"<s>Assistant: "``, ``"[/INST]"``, ``"<|im_start|>assistant\\n"``) and all other text are not targets.
+  A tool call is a target the same way; a tool result never is.
 * ``add_generation_prompt=True`` appends the assistant header; it requires the conversation to end with a user
-  message (both the Python and the Jinja rendering refuse otherwise). For ``llama2`` the prompt already ends with
-  ``[/INST]``, so the flag adds nothing.
+  (or tool) message (both the Python and the Jinja rendering refuse otherwise). For ``llama2`` the prompt already
+  ends with ``[/INST]``, so the flag adds nothing.
 * ``specials``: the control tokens a template writes that must be special tokens of the tokenizer; as plain text
   the model would learn a format nobody else reads, so ``check_template_tokens`` refuses (llama3 on Llama-2's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from zhllama.chat import tools as tl
 from zhllama.chat.control import control_tokens
+from zhllama.chat.messages import (  # noqa: F401  (validate_messages, ROLES: re-exported)
+    ROLES,
+    Turn,
+    awaits_assistant,
+    split_turns,
+    validate_messages,
+    validate_tools,
+)
 from zhllama.errors import ZhllamaError
 from zhllama.scoring import IGNORE as IGNORE_INDEX  # noqa: F401  (re-exported: the label of a non-target token)
 
-ROLES = ("system", "user", "assistant")
-
-Turn = tuple[str, "str | None"]
 Segments = list[tuple[str, bool]]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Validation
-
-
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check a conversation and return it as a list of plain ``{"role", "content"}`` dicts.
-
-    Raises ZhllamaError with a one-line message when a role is unknown, a content is not a string, the system
-    message is not the first one, or user/assistant messages do not alternate starting with user.
-    """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ZhllamaError("a conversation must be a list of {'role', 'content'} messages")
-    out: list[dict[str, str]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping):
-            raise ZhllamaError(f"message {i}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            raise ZhllamaError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise ZhllamaError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    body = out[1:] if out and out[0]["role"] == "system" else out
-    if not body:
-        raise ZhllamaError("a conversation needs at least one user message")
-    offset = len(out) - len(body)
-    for j, msg in enumerate(body):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if msg["role"] != expected:
-            where = "only as the first message" if msg["role"] == "system" else f"not {msg['role']!r}"
-            raise ZhllamaError(
-                f"message {j + offset}: expected role {expected!r} ({where}); "
-                "roles must be an optional system message, then user/assistant alternating, starting with user"
-            )
-    return out
-
-
-def _split(messages: Any) -> tuple[str | None, list[Turn]]:
-    """(system text or None, [(user, assistant or None), ...]) of a validated conversation."""
-    msgs = validate_messages(messages)
-    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-    body = msgs[1:] if system is not None else msgs
-    turns: list[Turn] = []
-    for j in range(0, len(body), 2):
-        reply = body[j + 1]["content"] if j + 1 < len(body) else None
-        turns.append((body[j]["content"], reply))
-    return system, turns
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -98,7 +59,8 @@ class ChatTemplate:
 
     ``stop`` is the end-of-turn marker(s) that close every assistant reply; a server stops generating there.
     ``specials`` are the control tokens the tokenizer must have as special tokens; ``variables`` the template
-    variables ``render`` takes, with the defaults the Jinja also uses.
+    variables ``render`` takes, with the defaults the Jinja also uses; ``tool_format`` the tool calling format
+    (``zhllama.chat.tools``), None for a template that has none.
     """
 
     name: str
@@ -108,26 +70,39 @@ class ChatTemplate:
     _build: Callable[..., Segments] = field(repr=False, compare=False)
     specials: tuple[str, ...] = ()
     variables: Mapping[str, str] = field(default_factory=dict, compare=False)
+    tool_format: str | None = None
 
-    def render_segments(self, messages: Any, add_generation_prompt: bool = False, **variables: str) -> Segments:
-        """Text segments with a flag "is an assistant target" (reply text plus its end-of-turn marker)."""
-        system, turns = _split(messages)
-        return self._segments(system, turns, add_generation_prompt, **variables)
+    def render_segments(self, messages: Any, add_generation_prompt: bool = False, tools: Any = None,
+                        **variables: str) -> Segments:
+        """Text segments with a flag "is an assistant target" (reply or tool call text plus its end-of-turn
+        marker)."""
+        system, turns = split_turns(messages)
+        return self._segments(system, turns, add_generation_prompt, tools, **variables)
 
-    def render(self, messages: Any, add_generation_prompt: bool = False, **variables: str) -> str:
+    def render(self, messages: Any, add_generation_prompt: bool = False, tools: Any = None, **variables: str) -> str:
         """The full prompt text; identical to rendering ``self.jinja`` with ``apply_chat_template`` (with the same
-        template variables, e.g. ``date_string=`` for llama3)."""
-        return "".join(text for text, _ in self.render_segments(messages, add_generation_prompt, **variables))
+        ``tools`` and template variables, e.g. ``date_string=`` for llama3)."""
+        return "".join(text for text, _ in self.render_segments(messages, add_generation_prompt, tools, **variables))
 
-    def _segments(self, system: str | None, turns: list[Turn], add_generation_prompt: bool,
+    def tool_problem(self, messages: list[dict], tools: Any = None) -> str | None:
+        """Why this template cannot write these validated messages with these tools (no tool format; llama3: more
+        than one call in a message), or None."""
+        return tl.tool_problem(self.name, self.tool_format, messages, validate_tools(tools))
+
+    def _segments(self, system: str | None, turns: list[Turn], add_generation_prompt: bool, tools: Any = None,
                   **variables: str) -> Segments:
-        if add_generation_prompt and turns[-1][1] is not None:
+        if add_generation_prompt and not awaits_assistant(turns[-1][1]):
             raise ZhllamaError("add_generation_prompt needs a conversation that ends with a user message")
         for key, value in variables.items():
             if key not in self.variables or not isinstance(value, str):
                 takes = f"the string variables {', '.join(self.variables)}" if self.variables else "no variables"
                 raise ZhllamaError(f"chat template {self.name} takes {takes}, not {key}={value!r}")
-        segs = self._build(system, turns, add_generation_prompt, **{**self.variables, **variables})
+        tools = validate_tools(tools)
+        steps = [m for _, reply in turns if isinstance(reply, tuple) for m in reply]
+        if problem := tl.tool_problem(self.name, self.tool_format, steps, tools):
+            raise ZhllamaError(problem)
+        extra = {"tools": tools} if self.tool_format else {}
+        segs = self._build(system, turns, add_generation_prompt, **extra, **{**self.variables, **variables})
         return [(text, target) for text, target in segs if text]
 
 
@@ -143,7 +118,7 @@ _J_PRELUDE = r"""{%- if messages and messages[0]['role'] == 'system' -%}
 {%- if not loop_messages -%}
 {{- raise_exception('a conversation needs at least one user message') -}}
 {%- endif -%}
-{%- if add_generation_prompt and loop_messages[-1]['role'] != 'user' -%}
+{%- if add_generation_prompt and loop_messages[-1]['role'] not in ['user', 'tool'] -%}
 {{- raise_exception('add_generation_prompt needs a conversation that ends with a user message') -}}
 {%- endif -%}
 """
@@ -174,12 +149,14 @@ def _atom(system: str | None, turns: list[Turn], add_generation_prompt: bool) ->
 
 _ATOM_JINJA = (
     _J_PRELUDE
+    + tl.jinja_no_tools("atom")
     + r"""{%- if system_message is not none -%}
 {{- '<s>System: ' + system_message + '\n</s>' -}}
 {%- endif -%}
 {%- for message in loop_messages -%}
 """
     + _J_CHECK
+    + tl.jinja_no_tool_calls("atom")
     + r"""{%- if message['role'] == 'user' -%}
 {{- '<s>Human: ' + message['content'] + '\n</s>' -}}
 {%- else -%}
@@ -217,9 +194,11 @@ def _llama2(system: str | None, turns: list[Turn], add_generation_prompt: bool) 
 
 _LLAMA2_JINJA = (
     _J_PRELUDE
+    + tl.jinja_no_tools("llama2")
     + r"""{%- for message in loop_messages -%}
 """
     + _J_CHECK
+    + tl.jinja_no_tool_calls("llama2")
     + r"""{%- if message['role'] == 'user' -%}
 {%- if loop.first and system_message is not none -%}
 {%- set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] -%}
@@ -239,17 +218,18 @@ _LLAMA2_JINJA = (
 # chatml
 
 
-def _chatml(system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
+def _chatml(system: str | None, turns: list[Turn], add_generation_prompt: bool, tools: list | None) -> Segments:
     """ChatML. A tokenizer that has ``<|im_start|>`` and ``<|im_end|>`` as special tokens (Qwen2's) encodes each as
     one id, since rendered text is tokenized with its special tokens recognised; the Llama-2 vocabulary has neither,
     so there they stay plain text (several ordinary tokens each) and ChatML still works, as it always did. Hence
-    no ``specials``. The target is the reply plus ``<|im_end|>``; the newline after it is not."""
-    segs: Segments = []
-    if system is not None:
-        segs.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+    no ``specials``. The target is the reply plus ``<|im_end|>``; the newline after it is not. Tools: Qwen2.5's
+    format (``zhllama.chat.tools``)."""
+    segs: Segments = [(tl.chatml_system(system, tools), False)]
     for user, reply in turns:
         segs.append((f"<|im_start|>user\n{user}<|im_end|>\n", False))
-        if reply is not None:
+        if isinstance(reply, tuple):
+            segs += tl.chatml_exchange(reply)
+        elif reply is not None:
             segs.append(("<|im_start|>assistant\n", False))
             segs.append((f"{reply}<|im_end|>", True))
             segs.append(("\n", False))
@@ -260,14 +240,12 @@ def _chatml(system: str | None, turns: list[Turn], add_generation_prompt: bool) 
 
 _CHATML_JINJA = (
     _J_PRELUDE
-    + r"""{%- if system_message is not none -%}
-{{- '<|im_start|>system\n' + system_message + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in loop_messages -%}
+    + tl.CHATML_JINJA_SYSTEM
+    + r"""{%- for message in loop_messages -%}
 """
-    + _J_CHECK
-    + r"""{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
-{%- endfor -%}
+    + tl.JINJA_TOOL_ORDER
+    + tl.CHATML_JINJA_MESSAGE
+    + r"""{%- endfor -%}
 {%- if add_generation_prompt -%}
 {{- '<|im_start|>assistant\n' -}}
 {%- endif -%}
@@ -276,7 +254,7 @@ _CHATML_JINJA = (
 
 
 # --------------------------------------------------------------------------------------------------------------
-# llama3: Meta's Llama 3.1/3.2/3.3 Instruct format, conversations without tools
+# llama3: Meta's Llama 3.1/3.2/3.3 Instruct format (tools: Llama 3.1's JSON tool calls)
 
 LLAMA3_DATE = "26 Jul 2024"  # the Today Date Meta's 3.1 template writes when no date_string is given
 L3_BOS, L3_EOT = "<|begin_of_text|>", "<|eot_id|>"
@@ -286,16 +264,22 @@ def _l3_header(role: str) -> str:
     return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
 
-def _llama3(system: str | None, turns: list[Turn], add_generation_prompt: bool, date_string: str) -> Segments:
+def _llama3(system: str | None, turns: list[Turn], add_generation_prompt: bool, tools: list | None,
+            date_string: str) -> Segments:
     """Exactly Meta's template without tools: a system block is always written (the system message, stripped, may
     be empty), with the knowledge cut-off and ``date_string``; every message's content is stripped (Jinja ``trim``
     is ``str.strip``). The target is the stripped reply plus ``<|eot_id|>``. (Meta's 3.2/3.3 templates write
-    today's date when given none; we keep 3.1's fixed default, so that serving sees the text training saw.)"""
-    segs: Segments = [(L3_BOS + _l3_header("system") + "Cutting Knowledge Date: December 2023\n"
+    today's date when given none; we keep 3.1's fixed default, so that serving sees the text training saw.) Tools:
+    Meta's Llama 3.1 JSON tool calls (``zhllama.chat.tools``)."""
+    segs: Segments = [(L3_BOS + _l3_header("system") + ("Environment: ipython\n" if tools else "")
+                       + "Cutting Knowledge Date: December 2023\n"
                        f"Today Date: {date_string}\n\n{(system or '').strip()}{L3_EOT}", False)]
-    for user, reply in turns:
-        segs.append((_l3_header("user") + user.strip() + L3_EOT, False))
-        if reply is not None:
+    for i, (user, reply) in enumerate(turns):
+        user = tl.llama3_tools_user(user, tools) if i == 0 and tools else user.strip()
+        segs.append((_l3_header("user") + user + L3_EOT, False))
+        if isinstance(reply, tuple):
+            segs += tl.llama3_exchange(reply, _l3_header, L3_EOT)
+        elif reply is not None:
             segs.append((_l3_header("assistant"), False))
             segs.append((reply.strip() + L3_EOT, True))
     if add_generation_prompt:
@@ -310,6 +294,9 @@ _LLAMA3_JINJA = (
 {%- set date_string = '""" + LLAMA3_DATE + r"""' -%}
 {%- endif -%}
 {{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' -}}
+{%- if tools -%}
+{{- 'Environment: ipython\n' -}}
+{%- endif -%}
 {{- 'Cutting Knowledge Date: December 2023\nToday Date: ' + date_string + '\n\n' -}}
 {%- if system_message is not none -%}
 {{- system_message | trim -}}
@@ -317,9 +304,13 @@ _LLAMA3_JINJA = (
 {{- '<|eot_id|>' -}}
 {%- for message in loop_messages -%}
 """
-    + _J_CHECK
-    + r"""{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}
+    + tl.JINJA_TOOL_ORDER
+    + tl.LLAMA3_JINJA_FIRST_USER
+    + tl.LLAMA3_JINJA_TOOL_MESSAGES
+    + r"""{%- else -%}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}
 {{- (message['content'] | trim) + '<|eot_id|>' -}}
+{%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
@@ -355,6 +346,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             description="ChatML: <|im_start|>role\\n…<|im_end|>\\n (markers are single tokens where the vocabulary "
             "has them, Qwen2's; plain text in Llama-2's)",
             _build=_chatml,
+            tool_format=tl.CHATML,
         ),
         ChatTemplate(
             name="llama3",
@@ -365,6 +357,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             _build=_llama3,
             specials=(L3_BOS, "<|start_header_id|>", "<|end_header_id|>", L3_EOT),
             variables=MappingProxyType({"date_string": LLAMA3_DATE}),  # read-only: TEMPLATES is shared
+            tool_format=tl.LLAMA3,
         ),
     )
 }

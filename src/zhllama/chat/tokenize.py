@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from zhllama.chat.control import control_tokens, encode_marked, marker
-from zhllama.chat.templates import IGNORE_INDEX, ChatTemplate, Segments, _split, check_template_tokens
+from zhllama.chat.control import control_tokens, encode_marked, mark_value, marker
+from zhllama.chat.messages import split_turns, validate_tools
+from zhllama.chat.templates import IGNORE_INDEX, ChatTemplate, Segments, check_template_tokens
 from zhllama.errors import ZhllamaError
 
 
@@ -52,6 +53,7 @@ def tokenize_conversation(
     max_len: int | None = None,
     train_on_prompt: bool = False,
     only_last_reply: bool = False,
+    tools: Any = None,
     **variables: str,
 ) -> dict[str, Any]:
     """Token ids and labels of a conversation for SFT.
@@ -64,21 +66,24 @@ def tokenize_conversation(
     as it is when the tokenizer lacks the template's special tokens (``check_template_tokens``; a caller looping
     over many conversations checks once, before the loop). ``variables`` are the template's (``date_string``).
     With ``only_last_reply`` only the last assistant reply (and its marker) is a target, as preference training
-    scores just the reply being compared; the ids do not change.
+    scores just the reply being compared; the ids do not change. ``tools``: the tool list the template writes
+    (``chatml``, ``llama3``); tool calls are targets like replies, tool results are not. As transformers'
+    sanitizing does, every string in the tool calls and the tools (not dict keys) is plain text too.
     """
     tokens = control_tokens(tokenizer)  # once: with Llama-3's 256 added tokens the lookup costs more than encoding
     tpl = check_template_tokens(tokenizer, template, tokens)
-    system, turns = _split(messages)
+    system, turns = split_turns(messages)
     mark = marker(tokenizer, tokens)  # message content is plain text: only the template writes control tokens
     system = None if system is None else mark(system)
-    turns = [(mark(user), None if reply is None else mark(reply)) for user, reply in turns]
+    turns = [(mark(user), mark_value(mark, reply)) for user, reply in turns]
+    tools = mark_value(mark, validate_tools(tools))
     if max_len is not None and max_len < 1:
         raise ZhllamaError(f"max_len must be positive, got {max_len}")
     if only_last_reply and train_on_prompt:
         raise ZhllamaError("only_last_reply and train_on_prompt cannot be combined")
     dropped = 0
     while True:
-        segments = tpl._segments(system, turns, False, **variables)
+        segments = tpl._segments(system, turns, False, tools, **variables)
         if only_last_reply:
             segments = _last_reply_only(segments)
         ids, labels = _encode(tokenizer, segments, train_on_prompt)

@@ -16,8 +16,17 @@ A record is
   an optional non-empty ``system`` string first;
 * ShareGPT when it has ``conversations``: items ``{"from": human|user|gpt|assistant|system, "value": …}`` (an item
   may also use ``role``/``content``); an optional top-level ``system`` string is put first. An unknown ``from``
-  skips the whole record;
-* OpenAI-style when it has ``messages``: ``{"role", "content"}`` items.
+  skips the whole record. LLaMA-Factory's tool format adds items ``function_call`` (the JSON text of a call
+  ``{"name", "arguments"}``, or of a list of them for parallel calls: an assistant message with ``tool_calls``)
+  and ``observation`` (a tool result: one ``tool`` message), and a top-level ``tools``, the JSON text of a list of
+  tool schemas;
+* OpenAI-style when it has ``messages``: ``{"role", "content"}`` items, assistant items may carry ``tool_calls``
+  and ``tool`` items results (``zhllama.chat.messages``), with an optional top-level ``tools`` list.
+
+Tools are OpenAI tool schemas ``{"type": "function", "function": {"name", "description", "parameters"}}``; a bare
+``{"name", "description", "parameters"}`` (LLaMA-Factory's) is wrapped so. A conversation with tools carries them
+in ``Conversation.tools`` (None without). Call arguments given as JSON text are parsed, so that training writes
+them as the template writes a dict. A record whose tool JSON is malformed is skipped like any bad record.
 
 Every conversation goes through :func:`zhllama.chat.validate_messages` and must contain at least one assistant
 reply. A row or record that fails is recorded in the :class:`ReadReport` as ``"file:line: why"`` and skipped.
@@ -38,11 +47,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from zhllama.chat.templates import validate_messages
+from zhllama.chat.messages import validate_messages, wrap_tools
 from zhllama.data.readers import ReadReport, input_paths
 from zhllama.errors import ZhllamaError
 
-Conversation = list[dict[str, str]]
+
+
+class Conversation(list):
+    """The validated messages of one conversation (a list, as before), plus the ``tools`` it may call (the wrapped
+    OpenAI schemas, or None): ``tokenize_examples`` passes them to the template."""
+
+    def __init__(self, messages=(), tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+    def __repr__(self) -> str:
+        return f"Conversation({list.__repr__(self)}, tools={self.tools!r})"
+
 
 _TURN = re.compile(r"<s>(Human|Assistant|System):[ ]?(.*?)\n?</s>", re.DOTALL)
 _ATOM_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
@@ -52,6 +73,9 @@ _SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 
@@ -70,7 +94,7 @@ def parse_atom_text(text: str) -> Conversation:
     Raises ZhllamaError when the text has no turns, text outside the ``<s>…</s>`` turns, or a wrong role order.
     """
     text = text.replace("\r\n", "\n")
-    messages: Conversation = []
+    messages: list[dict[str, str]] = []
     pos = 0
     for m in _TURN.finditer(text):
         _check_gap(text[pos : m.start()])
@@ -79,7 +103,7 @@ def parse_atom_text(text: str) -> Conversation:
     _check_gap(text[pos:])
     if not messages:
         raise ZhllamaError("no <s>Human: …</s> / <s>Assistant: …</s> turns in `text`")
-    return _finish(messages)
+    return Conversation(_finish(messages))
 
 
 def _check_gap(gap: str) -> None:
@@ -89,10 +113,37 @@ def _check_gap(gap: str) -> None:
 
 
 def record_to_messages(record: Any) -> Conversation:
-    """Messages of one Alpaca, ShareGPT or ``messages`` record, validated; ZhllamaError says why not."""
+    """Messages of one Alpaca, ShareGPT or ``messages`` record, validated, with the record's tools; ZhllamaError
+    says why not."""
     if not isinstance(record, dict):
         raise ZhllamaError(f"expected a JSON object, got {type(record).__name__}")
-    return _finish(record_messages(record))
+    messages = _finish(record_messages(record))
+    return Conversation(_parsed_arguments(messages), _record_tools(record))
+
+
+def _record_tools(record: dict) -> list[dict] | None:
+    """The record's ``tools``: a list, or its JSON text (LLaMA-Factory); empty means none."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise ZhllamaError(f"`tools` is not valid JSON ({exc.msg})") from None
+    try:
+        return wrap_tools(tools)
+    except ZhllamaError as exc:
+        raise ZhllamaError(f"`tools`: {exc}") from None
+
+
+def _parsed_arguments(messages: list[dict]) -> list[dict]:
+    """The messages with every call's JSON-text arguments parsed (validation checked they are a JSON object)."""
+    for msg in messages:
+        for call in msg.get("tool_calls", ()):
+            if isinstance(call["function"]["arguments"], str):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    return messages
 
 
 def record_messages(record: dict, alpaca_output: bool = True) -> Any:
@@ -107,7 +158,7 @@ def record_messages(record: dict, alpaca_output: bool = True) -> Any:
     raise ZhllamaError("no `instruction`, `conversations` or `messages` field")
 
 
-def _finish(messages: Any) -> Conversation:
+def _finish(messages: Any) -> list[dict[str, Any]]:
     out = validate_messages(messages)
     if not any(m["role"] == "assistant" for m in out):
         raise ZhllamaError("no assistant reply")
@@ -162,8 +213,27 @@ def _sharegpt(record: dict) -> list[dict[str, Any]]:
             raise ZhllamaError(
                 f"conversations item {i}: unknown `from` {speaker!r} (expected one of {', '.join(_SHAREGPT_ROLES)})"
             )
-        messages.append({"role": role, "content": item.get("value", item.get("content"))})
+        value = item.get("value", item.get("content"))
+        if speaker == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _function_calls(i, value)})
+        else:
+            messages.append({"role": role, "content": value})
     return messages
+
+
+def _function_calls(i: int, value: Any) -> list[dict]:
+    """The OpenAI tool calls of a LLaMA-Factory ``function_call`` value: ``{"name", "arguments"}`` or a list."""
+    where = f"conversations item {i} (function_call)"
+    if not isinstance(value, str):
+        raise ZhllamaError(f"{where}: expected the JSON text of a call, got {type(value).__name__}")
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ZhllamaError(f"{where}: not valid JSON ({exc.msg})") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and set(c) == {"name", "arguments"} for c in calls):
+        raise ZhllamaError(f'{where}: expected {{"name": …, "arguments": {{…}}}} or a non-empty list of them')
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,7 +386,8 @@ def iter_conversations(paths: list[str | Path], report: ReadReport | None = None
 
 
 def read_conversations(paths: list[str | Path], report: ReadReport | None = None) -> list[Conversation]:
-    """All conversations of the files as validated ``[{"role", "content"}, ...]`` lists.
+    """All conversations of the files as validated ``[{"role", "content"}, ...]`` lists (``Conversation``s: with
+    the record's ``tools`` in ``.tools``).
 
     Rows that do not parse are skipped and listed in ``report.skipped`` as ``"file:line: why"``. Raises
     ZhllamaError when no conversation at all could be read.

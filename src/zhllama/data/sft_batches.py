@@ -32,6 +32,8 @@ class SftExamples:
     dropped_turns: int = 0  # turns lost that way, in all
     too_long: int = 0  # conversations skipped: their last turn alone is longer than seq_len
     no_target: int = 0  # conversations skipped: no assistant reply to learn from
+    tool_format: int = 0  # conversations skipped: tool calls or tools the chat template cannot write
+    tool_format_reason: str = ""  # why, for the first of them
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -45,7 +47,8 @@ class SftExamples:
     def counts(self) -> dict:
         return {"conversations": self.conversations, "examples": len(self), "truncated": self.truncated,
                 "dropped_turns": self.dropped_turns, "skipped_too_long": self.too_long,
-                "skipped_no_target": self.no_target, "tokens": int(self.lengths().sum()),
+                "skipped_no_target": self.no_target, "skipped_tool_format": self.tool_format,
+                "tokens": int(self.lengths().sum()),
                 "target_tokens": int(sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels))}
 
     def warn(self, seq_len: int) -> None:
@@ -58,27 +61,37 @@ class SftExamples:
                   f"seq_len={seq_len}", file=sys.stderr)
         if self.no_target:
             print(f"warning: skipped {self.no_target} conversations without an assistant reply", file=sys.stderr)
+        if self.tool_format:
+            print(f"warning: skipped {self.tool_format} conversations with tool calls the chat template cannot "
+                  f"write ({self.tool_format_reason})", file=sys.stderr)
 
 
 def tokenize_examples(tokenizer, template: str | ChatTemplate, conversations: list[list[dict]], seq_len: int,
                       train_on_prompt: bool = False, progress: bool = True) -> SftExamples:
     """Render and tokenize every conversation with its loss mask, fitting each into seq_len tokens.
 
-    A trailing user message (nothing answers it) is left out: it has no target and would only take room.
-    The first label of every example is ignored: no token before it belongs to the same conversation, and in a
-    packed row the previous conversation must not learn to predict it.
+    A trailing user message (nothing answers it) is left out: it has no target and would only take room; so are
+    trailing tool results. The first label of every example is ignored: no token before it belongs to the same
+    conversation, and in a packed row the previous conversation must not learn to predict it. A conversation's
+    tools are its ``tools`` attribute (``zhllama.data.conversations.Conversation``; a plain list has none); one
+    whose tool calls or tools the template cannot write (``ChatTemplate.tool_problem``) is skipped and counted.
     """
     template = check_template_tokens(tokenizer, template)  # before the loop that reads errors as too-long turns
     out = SftExamples(conversations=len(conversations))
     for messages in tqdm(conversations, desc="tokenizing", disable=not progress or None, leave=False):
-        if messages and messages[-1]["role"] == "user":
+        tools = getattr(messages, "tools", None)
+        while messages and messages[-1]["role"] in ("user", "tool"):
             messages = messages[:-1]
         if not any(m["role"] == "assistant" for m in messages):
             out.no_target += 1
             continue
+        if problem := template.tool_problem(messages, tools):
+            out.tool_format += 1
+            out.tool_format_reason = out.tool_format_reason or problem
+            continue
         try:
             enc = tokenize_conversation(tokenizer, template, messages, max_len=seq_len,
-                                        train_on_prompt=train_on_prompt)
+                                        train_on_prompt=train_on_prompt, tools=tools)
         except ZhllamaError:  # the messages are valid, so the only failure is a last turn longer than seq_len
             out.too_long += 1
             continue
