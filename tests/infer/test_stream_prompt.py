@@ -108,7 +108,7 @@ def test_truncation_cuts_the_fewest_turns_in_few_tokenizations(llama2_dir):
     messages = [{"role": "system", "content": "系统"}, *history, {"role": "user", "content": "最后"}]
     calls = []
     render = builder.render
-    builder.render = lambda m: calls.append(len(m)) or render(m)
+    builder.render = lambda m, tools=None: calls.append(len(m)) or render(m, tools)
     ids = builder.encode(messages, max_prompt_tokens=300, truncate=True)
     assert len(ids) <= 300
     # one more turn would not fit: the fewest turns were cut

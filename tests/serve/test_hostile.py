@@ -318,14 +318,31 @@ def test_developer_role_and_assistant_null_content_are_accepted(live_server, tin
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("functions", [{"name": "f"}]),
+    ("response_format", {"type": "json_object"}), ("functions", [{"name": "f"}]),
 ])
 def test_unsupported_fields_are_refused_not_ignored(live_server, tiny_engine, field, value):
     response = httpx.post(live_server.base_url + "/chat/completions", headers=live_server.headers(),
                           json=body(tiny_engine, **{field: value}), timeout=30)
     assert response.status_code == 400
     assert error_of(response)["param"] == field and "not supported" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools",
+     "chat template atom has no tool format"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}, None, None),
+])
+def test_tools_for_a_template_without_a_tool_format(live_server, tiny_engine, extra, param, words):
+    """The session's model speaks atom, which has no tool format: tools are a 400 naming the field, not a reply that
+    silently ignored them; with tool_choice "none" nothing will be called, so it just answers."""
+    response = httpx.post(live_server.base_url + "/chat/completions", headers=live_server.headers(),
+                          json=body(tiny_engine, **extra), timeout=30)
+    if param is None:
+        assert response.status_code == 200 and "tool_calls" not in response.json()["choices"][0]["message"]
+        return
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param and words in error_of(response)["message"]
 
 
 @pytest.mark.parametrize(("setting", "words"), [

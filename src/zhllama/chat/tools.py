@@ -28,6 +28,8 @@ import json
 import re
 from typing import Any
 
+from zhllama.errors import ZhllamaError
+
 Segments = list[tuple[str, bool]]
 
 CHATML, LLAMA3 = "qwen2.5", "llama3.1"  # the tool formats (ChatTemplate.tool_format)
@@ -267,7 +269,11 @@ def split_tool_calls(template: Any, text: str) -> tuple[str, list[dict[str, str]
     """
     from zhllama.chat.templates import get_template
 
-    tool_format = get_template(template).tool_format
+    return calls_in_format(get_template(template).tool_format, text)
+
+
+def calls_in_format(tool_format: str | None, text: str) -> tuple[str, list[dict[str, str]]] | None:
+    """``split_tool_calls`` by tool format (``CHATML``, ``LLAMA3`` or None), for a model whose Jinja is not ours."""
     if tool_format == LLAMA3:
         call = _call(_loads(text.strip()), ("parameters", "arguments"))
         return None if call is None else ("", [call])
@@ -289,3 +295,22 @@ def parse_tool_calls(template: Any, text: str) -> list[dict[str, str]] | None:
     """The calls of ``split_tool_calls`` (None when the text is not a well-formed call in the template's format)."""
     found = split_tool_calls(template, text)
     return None if found is None else found[1]
+
+
+def call_opening(tool_format: str, name: str | None = None) -> str:
+    """The text every call of the format starts with, up to the arguments when the function is named: what a
+    server writes at the start of a reply that must be a call (`tool_choice` "required" or a named function)."""
+    if tool_format == LLAMA3:
+        return '{"name": "' + (f'{name}", "parameters": ' if name else "")
+    if tool_format == CHATML:
+        return '<tool_call>\n{"name": "' + (f'{name}", "arguments": ' if name else "")
+    raise ZhllamaError(f"no tool format {tool_format!r}")
+
+
+def jinja_tool_format(jinja: str) -> str | None:
+    """The tool format a model's own Jinja writes (Meta's Llama 3.1 or Qwen2.5 template and their copies), if any."""
+    if "<tool_call>" in jinja and "<tool_response>" in jinja:
+        return CHATML
+    if "ipython" in jinja and '"parameters": ' in jinja:
+        return LLAMA3
+    return None

@@ -50,10 +50,12 @@ class Engine(ABC):
 
     # --- prompts -------------------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: Any, params: SamplingParams, truncate: bool = False) -> list[int]:
-        """Prompt ids for a conversation, checked against the context left after ``max_tokens``."""
+    def encode_chat(self, messages: Any, params: SamplingParams, truncate: bool = False,
+                    tools: list[dict] | None = None, opening: str = "") -> list[int]:
+        """Prompt ids for a conversation (with the `tools` it may call, and the `opening` the reply must start
+        with: ``PromptBuilder.encode``), checked against the context left after ``max_tokens``."""
         room = self._room(params)
-        return self.prompt.encode(messages, max_prompt_tokens=room, truncate=truncate)
+        return self.prompt.encode(messages, max_prompt_tokens=room, truncate=truncate, tools=tools, opening=opening)
 
     def encode_text(self, text: str, params: SamplingParams) -> list[int]:
         """Prompt ids for a raw completion prompt (BOS added as the tokenizer's config says)."""

@@ -26,9 +26,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from zhllama.chat import TEMPLATES, ChatTemplate, check_template_tokens, get_template, validate_messages
-from zhllama.chat.control import control_tokens, encode_marked, mark_messages
+from zhllama.chat import TEMPLATES, ChatTemplate, check_template_tokens, get_template, validate_messages, validate_tools
+from zhllama.chat.control import control_tokens, encode_marked, mark_messages, mark_value, marker
+from zhllama.chat.tools import jinja_tool_format
 from zhllama.errors import ZhllamaError
+from zhllama.infer.params import BadRequest
 
 
 @dataclass
@@ -38,34 +40,55 @@ class PromptBuilder:
     stop: tuple[str, ...]  # end-of-turn strings; generation also stops on the EOS id
     source: str  # "model", "--template" or "default"
 
-    def render(self, messages: list[dict]) -> str:
+    @property
+    def tool_format(self) -> str | None:
+        """The format tool calls take in this template (zhllama.chat.tools), None when it has none."""
+        if self.template is not None:
+            return self.template.tool_format
+        return jinja_tool_format(self.tokenizer.chat_template)
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt text; of marked messages (``mark_messages``), the marked text that ``encode_marked`` reads."""
         if self.template is not None:
-            return self.template.render(messages, add_generation_prompt=True)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.template.render(messages, add_generation_prompt=True, tools=tools)
+        extra = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
 
-    def encode(self, messages: Any, max_prompt_tokens: int | None = None, truncate: bool = False) -> list[int]:
-        """Prompt ids for a conversation that ends with a user message."""
+    def encode(self, messages: Any, max_prompt_tokens: int | None = None, truncate: bool = False,
+               tools: list[dict] | None = None, opening: str = "") -> list[int]:
+        """Prompt ids for a conversation that ends with a user message or tool results, with the `tools` it may
+        call. `opening` is text the reply must start with (the template's call syntax, see serve.tools): it is
+        written after the generation prompt, as the template would write it."""
         if self.template is not None:
             check_template_tokens(self.tokenizer, self.template)
         messages = validate_messages(messages)
-        if messages[-1]["role"] != "user":
-            raise ZhllamaError("the conversation must end with a user message")
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise ZhllamaError("the conversation must end with a user message or tool results")
+        tools = validate_tools(tools)
+        if tools and self.tool_format is None:
+            name = self.template.name if self.template is not None else "of this model"
+            raise BadRequest(f"the chat template {name} has no tool format; serve a model trained with the llama3 "
+                             "or chatml template to use tools", "tools")
+        if self.template is not None and (problem := self.template.tool_problem(messages, tools)):
+            raise BadRequest(problem, "tools" if tools else "messages")
+        tools = mark_value(marker(self.tokenizer), tools)  # a tool's description is text, as a message is
         system = messages[:1] if messages[0]["role"] == "system" else []
         body = messages[len(system):]
+        # Turns are cut whole: from a user message to the next, tool calls and results included.
+        starts = [i for i, m in enumerate(body) if m["role"] == "user"]
 
-        def ids_without(pairs: int) -> list[int]:  # the prompt with the oldest `pairs` user/assistant turns cut
-            marked = mark_messages(self.tokenizer, system + body[2 * pairs:])
-            return encode_marked(self.tokenizer, self.render(marked))[0]
+        def ids_without(turns: int) -> list[int]:  # the prompt with the oldest `turns` turns cut
+            marked = mark_messages(self.tokenizer, system + body[starts[turns]:])
+            return encode_marked(self.tokenizer, self.render(marked, tools) + opening)[0]
 
         ids = ids_without(0)
         if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
             return ids
-        if not truncate or len(body) == 1:
+        if not truncate or len(starts) == 1:
             raise self._too_long(ids, max_prompt_tokens, truncate)
         # Cutting more turns never lengthens the prompt, so a binary search finds the fewest to cut in
         # log2(turns) tokenizations (a long history must not cost one tokenization per turn).
-        low, high = 1, (len(body) - 1) // 2  # the last user message always stays
+        low, high = 1, len(starts) - 1  # the last turn always stays
         if len(shortest := ids_without(high)) > max_prompt_tokens:
             raise self._too_long(shortest, max_prompt_tokens, truncate)
         while low < high:

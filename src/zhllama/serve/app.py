@@ -29,6 +29,7 @@ from zhllama.serve import protocol
 from zhllama.serve.guards import Guard
 from zhllama.serve.limits import Lease, QueueRefused, Slots
 from zhllama.serve.metrics import Metrics
+from zhllama.serve.tools import CallWatch, reply_opening, split_reply, tool_call_deltas
 
 log = logging.getLogger("zhllama.serve")
 
@@ -153,19 +154,26 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         started = time.perf_counter()
         check_auth(request)
         req = protocol.parse_chat(await read_json(request), engine.name, default_max_tokens, limit)
+        tool_format = engine.prompt.tool_format
+        # Tools go into the prompt where the template can write them; with tool_choice "none" and a template that
+        # cannot, the model just answers.
+        tools = req.tools.tools if req.tools.tools and (req.tools.active or tool_format) else None
+        opening = reply_opening(req.tools, tool_format)
         # tokenizing a long history takes a while: off the event loop, so other streams keep flowing
-        ids = await asyncio.to_thread(engine.encode_chat, req.messages, req.params, req.truncate)
+        ids = await asyncio.to_thread(engine.encode_chat, req.messages, req.params, req.truncate, tools, opening)
         rid = protocol.new_id("chatcmpl")
         if req.stream:
             def chunk(text, finish=None):
                 return protocol.chat_chunk(rid, engine.name, {"content": text} if text else {}, finish)
 
             first = protocol.chat_chunk(rid, engine.name, {"role": "assistant", "content": ""})
+            watch = CallWatch(req.tools, tool_format, opening) if req.tools.active and tool_format else None
             lease = await watch_disconnect(request, slots.acquire())
-            events = stream_events(ids, req, chunk, first, "chat.completion.chunk", rid, started)
+            events = stream_events(ids, req, chunk, first, "chat.completion.chunk", rid, started, watch)
             return _sse_response(events, lease)
         result = await watch_disconnect(request, generate(ids, req.params, started))
-        return protocol.chat_response(rid, engine.name, result)
+        content, calls = split_reply(opening + result.text, req.tools, tool_format)
+        return protocol.chat_response(rid, engine.name, result, content, calls)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -198,7 +206,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         metrics.latency.observe(time.perf_counter() - started)
         return result
 
-    async def stream_events(ids, req, chunk, first, obj, rid, started) -> AsyncIterator[bytes]:
+    async def stream_events(ids, req, chunk, first, obj, rid, started, watch=None) -> AsyncIterator[bytes]:
+        """The SSE events of one generation; with a CallWatch, text that may be a tool call is held back and, if it
+        is one, sent as OpenAI's tool-call deltas with finish_reason "tool_calls"."""
         tokens, first_seen = 0, False
         try:
             if first is not None:
@@ -213,10 +223,21 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     metrics.server_errors += 1  # after the 200: counted here, as the status cannot say it
                     yield protocol.sse(protocol.error_body(f"generation failed: {delta.error}", "server_error"))
                     break
-                if delta.text:
-                    yield protocol.sse(chunk(delta.text))
-                if delta.finish_reason:
-                    yield protocol.sse(chunk("", delta.finish_reason))
+                text = watch.feed(delta.text) if watch is not None and delta.text else delta.text
+                finish = delta.finish_reason
+                if finish and watch is not None:
+                    rest, calls = watch.finish()
+                    text += rest
+                    if calls:
+                        if text:
+                            yield protocol.sse(chunk(text))
+                        for part in tool_call_deltas(calls):
+                            yield protocol.sse(protocol.chat_chunk(rid, engine.name, part))
+                        text, finish = "", "tool_calls"
+                if text:
+                    yield protocol.sse(chunk(text))
+                if finish:
+                    yield protocol.sse(chunk("", finish))
             if req.include_usage:
                 yield protocol.sse(protocol.usage_chunk(rid, engine.name, obj, len(ids), tokens))
             yield protocol.sse("[DONE]")

@@ -10,21 +10,23 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zhllama.chat import validate_messages
 from zhllama.errors import ZhllamaError
 from zhllama.infer.params import BadRequest, Completion, SamplingParams, show_value
+from zhllama.serve.tools import ToolRequest, history_message, parse_tool_request
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Newer OpenAI clients send the system prompt as "developer"; for a chat model it is the system message.
 ROLE_ALIASES = {"developer": "system"}
 MAX_DEPTH = 32  # an OpenAI request is a few levels deep; deeper JSON is an attack on the parser, not a request
-# Fields whose meaning we cannot honour yet: refused, so that a client never takes a plain reply for one that
-# followed them. Each maps to the values that ask for nothing (and so are accepted).
-UNSUPPORTED = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-               "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"})}
+# Fields whose meaning we cannot honour: refused, so that a client never takes a plain reply for one that followed
+# them. Each maps to the values that ask for nothing (and so are accepted). OpenAI's deprecated `functions` are
+# refused with a pointer to `tools`, which replaced them.
+UNSUPPORTED = {"functions": (None, []), "function_call": (None, "none", "auto"),
+               "response_format": (None, {"type": "text"})}
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ParsedRequest:
     messages: list[dict] | None = None  # chat
     prompt: str | None = None  # completions
     truncate: bool = False
+    tools: ToolRequest = field(default_factory=ToolRequest)  # chat: the tools the reply may call
 
 
 def parse_body(body: bytes) -> dict:
@@ -98,11 +101,13 @@ def parse_chat(data: dict, model_name: str, default_max_tokens: int, max_tokens_
     _check_model(data, model_name)
     for name, accepted in UNSUPPORTED.items():
         if name in data and data[name] not in accepted:
-            raise BadRequest(f"{name} is not supported by this server yet; send the request without it", name)
+            raise BadRequest(f"{name} is not supported by this server; send the request without it (for function "
+                             "calling, use tools)" if name.startswith("function") else
+                             f"{name} is not supported by this server; send the request without it", name)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
-    clean = []
+    clean, call_ids = [], set()
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRequest(f"messages[{i}] must be an object", "messages")
@@ -114,17 +119,18 @@ def parse_chat(data: dict, model_name: str, default_max_tokens: int, max_tokens_
         content = message.get("content")
         if content is None and role == "assistant":  # OpenAI's shape for an assistant turn that only called tools
             content = ""
-        clean.append({"role": role, "content": _content_text(content, i)})
+        clean.append(history_message(message, i, role, _content_text(content, i), call_ids))
     try:
         clean = validate_messages(clean)
     except ZhllamaError as exc:
         raise BadRequest(str(exc), "messages") from None
-    if clean[-1]["role"] != "user":
-        raise BadRequest("the last message must be from the user", "messages")
+    if clean[-1]["role"] not in ("user", "tool"):
+        raise BadRequest("the last message must be from the user (or tool results)", "messages")
+    tools = parse_tool_request(data)
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     return ParsedRequest(_sampling(data, max_tokens, default_max_tokens, max_tokens_limit),
                          _bool(data, "stream"), _include_usage(data), messages=clean,
-                         truncate=_bool(data, "truncate"))
+                         truncate=_bool(data, "truncate"), tools=tools)
 
 
 def parse_completion(data: dict, model_name: str, default_max_tokens: int, max_tokens_limit: int) -> ParsedRequest:
@@ -215,10 +221,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, result: Completion) -> dict:
+def chat_response(rid: str, model: str, result: Completion, content: str | None = None,
+                  tool_calls: list[dict] | None = None) -> dict:
+    """The reply: `result.text` (or `content`) as the message, or, with `tool_calls`, those calls and the text
+    the model wrote before them (None when there is none) with finish_reason "tool_calls"."""
+    message = {"role": "assistant", "content": result.text if content is None else content}
+    if tool_calls:
+        message = {"role": "assistant", "content": message["content"] or None, "tool_calls": tool_calls}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": "tool_calls" if tool_calls else result.finish_reason, "logprobs": None}],
             "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
 
