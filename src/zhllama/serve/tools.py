@@ -178,7 +178,8 @@ class CallWatch:
 
     llama3 calls are the whole reply, a JSON object: text whose first non-space character is not "{" is content
     at once. chatml calls may follow content: text streams until "<tool_call>" appears (a tail that could still
-    become it waits). A forced opening makes the whole reply a call. `finish` decides on the whole text.
+    become it, and whitespace that may precede it, waits). A forced opening makes the whole reply a call. `finish`
+    decides on the whole text.
     """
 
     TAG = "<tool_call>"
@@ -203,15 +204,20 @@ class CallWatch:
         found = self.text.find(self.TAG, self.sent)
         if found >= 0:
             self.holding = True
-            return self._send(found)
+            return self._send(self._before_space(found))
         tail = next((k for k in range(min(len(self.TAG) - 1, len(self.text) - self.sent), 0, -1)
                      if self.text.endswith(self.TAG[:k])), 0)
-        return self._send(len(self.text) - tail)
+        return self._send(self._before_space(len(self.text) - tail))
 
     def finish(self) -> tuple[str, list[dict] | None]:
         """(content still to send, tool_calls or None) once the reply is complete."""
         _, calls = split_reply(self.text, self.request, self.format)
         return ("", calls) if calls else (self._send(len(self.text)), None)
+
+    def _before_space(self, end: int) -> int:
+        """`end` moved back over the whitespace before it, which waits: before a call it is the template's
+        separator, not content (`split_reply` strips it), so the streamed content equals the whole reply's."""
+        return self.sent + len(self.text[self.sent:end].rstrip())
 
     def _send(self, end: int) -> str:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
