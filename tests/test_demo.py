@@ -36,7 +36,7 @@ def test_quick_demo_runs_the_whole_road(tmp_path, monkeypatch):
     assert bits[2] < bits[1]  # pretraining lowers bits per character on held-out text
     assert len({scores[name]["ppl"]["chars"] for name in scores}) == 1  # every model reads the same characters
     # Stage 9's retention figures are stage 12's bits per character of the same two models
-    assert sft["replay"] == 0.2 and sft["heldout_bits_per_char"] == {
+    assert sft["replay"] == 0.1 and sft["heldout_bits_per_char"] == {
         "after_pretraining": scores["after pretraining"]["ppl"]["bits_per_char"],
         "after_sft": scores["after SFT"]["ppl"]["bits_per_char"]}
     # The quiz: 16 held-out reviews, 8 正面 (A) and 8 负面 (B). In quick mode no model can do it (each answers one
