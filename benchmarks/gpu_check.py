@@ -10,6 +10,8 @@ Each section is guarded: a missing package or a failure records {"skipped": ...}
    through the HF engine's continuous batcher.
 5. `accelerate launch --num_processes 1 --config_file "$(zhllama recipes NAME)" -m zhllama train pretrain` with
    FSDP and DeepSpeed ZeRO-2, 4 steps of the `small` preset; final/ loaded with AutoModelForCausalLM.
+6. The arms of benchmarks/pretrain_throughput.py on `1b` at seq 2048 (benchmarks/pretrain_arms.py): the seed's HF
+   Trainer and `train pretrain`, each in a fresh process, bf16 then fp32: tokens/s and peak memory, ours/baseline.
 Without CUDA: one line saying so, nothing written. Tokenizer: --tokenizer DIR (an HF folder carried to the GPU
 machine), else the cached Llama-2 GGUF, else a stand-in SentencePiece trained here (recorded; N then differs).
 """
@@ -323,6 +325,31 @@ def distributed(inp: dict, work: Path, name: str, config: str) -> dict:
                                             f"({type(model).__name__})" if rows else "final/ loads; no train log"}
 
 
+def pretrain_arms(inp: dict, work: Path, batch: int, steps: int = 8) -> dict:
+    """Ours against the seed's Trainer at the same precision, as on the CPU (pretrain_throughput.py)."""
+    need("tensorboard", "matplotlib")  # the run log of `train pretrain`
+    from pretrain_arms import ARMS, run_arm
+
+    out: dict = {}
+    shown = []
+    for precision in ("bf16", "fp32"):  # a failure (fp32 out of memory) leaves the other precision's figures
+        try:
+            r = {arm: run_arm(arm, model=inp["1b"], packed=inp["packed2048"], work=work / f"arms-{precision}",
+                              precision=precision, steps=steps, warmup=WARMUP, batch=batch, seq=SEQ, env=ENV,
+                              timeout=600) for arm in ARMS}
+        except Exception as exc:
+            out[precision] = {"error": one_line(exc)}
+            shown.append(f"{precision}: ERROR {one_line(exc)[:120]}")
+            continue
+        ours, base = r["ours"], r["baseline"]
+        r["speed_ratio"] = ours["tokens_per_s"] / base["tokens_per_s"]
+        r["memory_ratio"] = ours["cuda_peak_gib"] / base["cuda_peak_gib"]
+        out[precision] = r
+        shown.append(f"{precision}: ours {ours['tokens_per_s']:,.0f} vs {base['tokens_per_s']:,.0f} tok/s "
+                     f"({r['speed_ratio']:.2f}x), peak {ours['cuda_peak_gib']:.1f} vs {base['cuda_peak_gib']:.1f} GiB")
+    return {**out, "batch": batch, "seq_len": SEQ, "steps": steps, "summary": "; ".join(shown)}
+
+
 def worker(argv: list[str]) -> None:
     """`train pretrain` through the library, for machines where the CLI's own dependencies (typer) are missing."""
     import argparse
@@ -409,6 +436,7 @@ def main() -> int:
     run("concurrency_16_vs_1", lambda: concurrency(inp))
     run("fsdp_1gpu", lambda: distributed(inp, work, "fsdp", "accelerate_fsdp"))
     run("deepspeed_zero2_1gpu", lambda: distributed(inp, work, "deepspeed", "accelerate_deepspeed_zero2"))
+    run("pretrain_arms_1b", lambda: pretrain_arms(inp, work, args.train_batch))
 
     wall = time.perf_counter() - began
     setup = results["setup"]

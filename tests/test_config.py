@@ -14,6 +14,7 @@ import yaml
 
 from zhllama.config import (
     CleanConfig,
+    DpoConfig,
     LoadConfig,
     ServeConfig,
     SftConfig,
@@ -28,7 +29,7 @@ from zhllama.errors import ZhllamaError
 
 REPO = Path(__file__).resolve().parents[1]
 # A recipe's name says which command reads it.
-CONFIG_BY_PREFIX = {"pretrain_": TrainConfig, "sft_": SftConfig, "clean_": CleanConfig}
+CONFIG_BY_PREFIX = {"pretrain_": TrainConfig, "sft_": SftConfig, "dpo_": DpoConfig, "clean_": CleanConfig}
 
 
 def config_for(name: str):

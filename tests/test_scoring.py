@@ -147,13 +147,19 @@ def test_bits_per_char_and_the_character_count():
 
 
 def test_scoring_is_a_ground_module():
-    """It imports only torch, math, typing helpers and zhllama.errors, and torch only when a function runs, so
-    that zhllama.chat (which takes IGNORE from it) stays importable without torch."""
+    """It imports only torch, math, typing helpers, zhllama.errors and zhllama.linear_ce (the chunked head, itself
+    torch and this module), and torch and linear_ce only when a function runs, so that zhllama.chat (which takes
+    IGNORE from it) stays importable without torch."""
     tree = ast.parse(Path(scoring.__file__).read_text(encoding="utf-8"))
     modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert {m for m in modules if m.startswith("zhllama")} == {"zhllama.errors"}
+    assert {m for m in modules if m.startswith("zhllama")} == {"zhllama.errors", "zhllama.linear_ce"}
     assert modules <= {"__future__", "math", "collections.abc", "typing", "torch", "torch.nn.functional",
-                       "zhllama.errors"}
+                       "zhllama.errors", "zhllama.linear_ce"}
+    tree = ast.parse(Path(scoring.__file__).with_name("linear_ce.py").read_text(encoding="utf-8"))
+    chunked = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    chunked |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert chunked <= {"__future__", "functools", "torch", "torch.nn.functional", "zhllama.errors",
+                       "zhllama.scoring", "liger_kernel.transformers.functional"}
     code = "import sys, zhllama.chat, zhllama.scoring; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -122,6 +122,11 @@ class TrainConfig:
     seed: int = option(0)
     # auto = bf16 where it is faster (GPU, CPUs with AVX512-BF16)
     precision: str = option("auto", help="auto|bf16|fp32 (auto: bf16 where it is faster)")
+    # torch.compile the model's forward (nn.Module.compile: the weights' names, in checkpoints and final/, stay as
+    # they are). It costs minutes of compiling at the start: worth it for long runs only (benchmarks/results/
+    # pretrain_throughput.md), so off by default.
+    compile: bool = option(False, flag="--compile/--no-compile",
+                           help="torch.compile the model (long runs; compiling takes minutes first)")
     # all | embeddings (embed_tokens + lm_head) | new-rows (only their rows that `model extend-vocab` added) |
     # lora (LoRA adapters, see lora.train_embeddings) | qlora (LoRA on a 4-bit NF4 base; CUDA GPU and bitsandbytes)
     trainable: str = option("all", help="all|embeddings|new-rows|lora|qlora (new-rows: only the rows a vocabulary "
@@ -135,6 +140,10 @@ class TrainConfig:
     # `train pretrain --data A:0.8 --data B:0.2`: when a source runs out before the run ends, repeat it (in a new
     # order; every block of every source is then seen) or stop the run when the first source is exhausted.
     mix_exhausted: str = "repeat"
+    # The loss a chunk of target positions at a time (zhllama.linear_ce): the [tokens, vocab] logits are never built
+    # whole, with the same loss and gradients. Off: the plain projection, for comparison.
+    chunked_loss: bool = option(True, flag="--chunked-loss/--no-chunked-loss",
+                                help="never build the full logits (same loss and gradients, less memory)")
     # RoPE scaling applied to the model before training (linear | dynamic | yarn | llama3, with a factor > 1), so
     # the context it is trained at, and the saved config, carry the stretched positions.
     rope: str | None = rope_option()

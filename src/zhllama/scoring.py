@@ -11,12 +11,19 @@ context (`eval.long`) and vocabulary extension (`model.extend_vocab.text_nll`) a
   a boolean mask, `token_nll`'s ``sparse``): for a small model the projection is most of the work.
 * The **cross-entropy is taken in fp32** even under bf16 autocast: in bf16 the NLL of a confident prediction loses
   most of its digits.
+* **The full logits are never built when they would be large** (`token_nll`'s ``chunked``, `zhllama.linear_ce`):
+  the vocabulary projection and the cross-entropy run a chunk of target positions at a time, forward and
+  backward, with the same loss and gradients. The rule (``chunked=None``): chunked whenever the targets need more
+  than one chunk (`linear_ce.chunk_rows`: about 2**24 logits, e.g. more than 303 targets at 55,296 pieces) and
+  the head allows it (a plain bias-free Linear, not under FSDP or DeepSpeed); otherwise, and with
+  ``chunked=False``, the plain path below.
 
 Bits per character is one metric everywhere: total NLL in nats / ln 2 / the characters of the text scored
 (`count_chars`: Python characters, whitespace included; BOS and EOS are not text and are never counted).
 
-This is a ground module: it imports torch and zhllama.errors only, and torch only inside the functions that need
-it, so that `zhllama.chat` (which takes ``IGNORE`` from here) stays importable without torch.
+This is a ground module: it imports torch and zhllama.errors only (and zhllama.linear_ce, itself torch and this
+module), and those only inside the functions that need them, so that `zhllama.chat` (which takes ``IGNORE`` from
+here) stays importable without torch.
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ class Nll(NamedTuple):
 
 
 def token_nll(model, batch: Mapping[str, torch.Tensor], *, per: str = "sum", sparse: float = 1.0,
-              with_accuracy: bool = False) -> Nll:
+              with_accuracy: bool = False, chunked: bool | None = None) -> Nll:
     """Summed (or per-row, or per-token) next-token cross-entropy of ``batch["labels"]`` in fp32.
 
     `batch` holds the model inputs (input_ids, and attention_mask or position_ids as the layout needs) and
@@ -124,6 +131,10 @@ def token_nll(model, batch: Mapping[str, torch.Tensor], *, per: str = "sum", spa
     `sparse` of all positions (1.0: always, since the last position is never a target; 0.0: never). `per`:
     "sum" (differentiable, for training), "row" (one sum per sequence) or "token" (each target, in (row,
     position) order). `with_accuracy` counts the targets that are the argmax prediction.
+
+    `chunked`: True scores through `zhllama.linear_ce` (the full logits never exist; `sparse` is then moot, only
+    targets are projected), and raises where the model's head does not allow it; False takes the plain path;
+    None (the default) chunks when the targets need more than one chunk of logits and the head allows it.
     """
     import torch
     import torch.nn.functional as F
@@ -134,12 +145,25 @@ def token_nll(model, batch: Mapping[str, torch.Tensor], *, per: str = "sum", spa
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = shift_labels(labels)
     counted = targets != IGNORE
+    logits = None
+    if chunked is not False:
+        from zhllama.linear_ce import chunk_rows, chunked_nll, head_linears
+
+        linears = head_linears(model)
+        if isinstance(linears, str):
+            if chunked:
+                raise ZhllamaError(f"cannot chunk the cross-entropy of this model: {linears}")
+        elif chunked or int(counted.sum()) > chunk_rows(linears[0].weight.shape[0]):
+            nll, logits = chunked_nll(model, inputs, targets, per, with_accuracy, linears)
+            if nll is not None:
+                return nll
     rows = counted.nonzero()[:, 0] if per == "row" else None  # the row of every target, in (row, position) order
     keep = None
-    if sparse >= 1 or (sparse > 0 and int(counted.sum()) < sparse * counted.numel()):
+    if logits is None and (sparse >= 1 or (sparse > 0 and int(counted.sum()) < sparse * counted.numel())):
         keep, targets = counted, targets[counted]
         counted = targets != IGNORE
-    logits = kept_logits(model, inputs, keep)
+    if logits is None:
+        logits = kept_logits(model, inputs, keep)
     flat, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if per == "sum":
         nats = F.cross_entropy(flat.float(), flat_targets, ignore_index=IGNORE, reduction="sum")

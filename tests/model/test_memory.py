@@ -93,3 +93,44 @@ def test_llama3_presets_are_sized_with_their_own_vocabulary():
     assert memory_report("llama3-1b").startswith("llama3-1b: 1.24B parameters (vocab 128,256,")
     assert memory_report("llama3-8b").startswith("llama3-8b: 8.03B parameters (vocab 128,256,")
     assert "(vocab 32,000," in memory_report("7b")  # the Llama-2 shapes keep Llama-2's vocabulary
+
+
+MEASURE = """
+import json, resource, sys
+from pathlib import Path
+import psutil
+from zhllama.config import TrainConfig
+from zhllama.train.loop import train_loop
+from zhllama.train.pretrain import PackedTrainData
+from zhllama.train.run import load_for_training
+
+model_dir, packed, out, chunked = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+model = load_for_training(Path(model_dir), 256)
+data = PackedTrainData(Path(packed), 256)
+before = psutil.Process().memory_info().rss
+cfg = TrainConfig(max_steps=3, batch_size=8, seq_len=256, precision="fp32", warmup_steps=1, save_every=100,
+                  eval_every=100, eval_batches=1, log_every=1, chunked_loss=chunked)
+train_loop(model, data, cfg, Path(out), resume=False)
+print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_training_estimate_is_within_20_percent_of_a_measured_run(tiny_zh_model, extended_dir, zh_train_file,
+                                                                   tmp_path, chunked):
+    """What `train pretrain` adds to the loaded model (peak RSS of the run minus RSS before it), against the
+    estimate, for the tiny model with its 34k vocabulary, batch 8 x 256, with and without the chunked loss."""
+    import json
+
+    from zhllama.data.pack import pack
+    from zhllama.model.loading import load_model_config
+    from zhllama.model.memory import training_estimate
+
+    packed = pack(extended_dir, [zh_train_file], 256, tmp_path / "packed", val_fraction=0.05)
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(tiny_zh_model), str(packed), str(tmp_path / "run"),
+                           "1" if chunked else "0"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    increase = measured["peak"] - measured["before"]
+    estimated = training_estimate(load_model_config(tiny_zh_model), 8, 256, "fp32", chunked)["step"]
+    assert abs(estimated / increase - 1) < 0.2, (estimated / 2**20, increase / 2**20)

@@ -121,11 +121,15 @@ def data_pack(tokenizer_: Path = typer.Option(..., "--tokenizer"), input: Inputs
 
 @model_app.command("memory")
 def model_memory(model_dir: str = typer.Option(..., "--model",
-                                               help="HF folder, or a preset: tiny|small|1b|7b|llama3-1b|llama3-8b")):
-    """Expected memory per precision (fp16, int8, int4, GGUF types) for the model's shape."""
+                                               help="HF folder, or a preset: tiny|small|1b|7b|llama3-1b|llama3-8b"),
+                 batch_size: int = typer.Option(None, "--batch-size", help="also estimate full training at this "
+                                                "batch (sequences per process)"),
+                 seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sequence, for the training estimate")):
+    """Expected memory per precision (fp16, int8, int4, GGUF types) for the model's shape; with --batch-size,
+    what full training takes (weights, gradients, AdamW, activations, logits with and without chunking)."""
     from zhllama.model.memory import memory_report
 
-    typer.echo(memory_report(model_dir))
+    typer.echo(memory_report(model_dir, batch_size, seq_len))
 
 
 @convert_app.command("meta")

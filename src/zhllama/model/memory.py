@@ -84,6 +84,36 @@ def estimate(config) -> dict:
             "runtime": {k: v + kv_per_token * RUNTIME_CONTEXT for k, v in weights.items()}}
 
 
+def training_estimate(config, batch_size: int, seq_len: int, precision: str = "fp32",
+                      chunked: bool = True) -> dict:
+    """Bytes a full-parameter training step adds to the loaded fp32 model, by part, for ``batch_size`` x ``seq_len``
+    tokens: gradients (fp32), AdamW's two moments (fp32), the activations autograd keeps, and the logits.
+
+    Activations: per token and layer the Llama decoder keeps its input and normed input, q/k/v (and q/k after
+    RoPE), the attention output, the second residual and its norm, and gate, up, silu(gate) and their product:
+    8 hidden + 4 KV + 4 intermediate values (SDPA keeps no attention matrix), in the compute precision (bf16 under
+    autocast). Logits: the plain path keeps fp32 logits, their log-softmax and, in backward, their gradient, three
+    [tokens, vocab] fp32 tensors at once; chunked (zhllama.linear_ce) about four chunks of those plus the head's
+    fp32 gradient accumulator. Checked against measured runs (tests/model/test_memory.py)."""
+    from zhllama.linear_ce import chunk_rows
+
+    s = _shape(config)
+    params = estimate(config)["params"]
+    tokens = batch_size * seq_len
+    kv = s["kv_heads"] * s["head_dim"]
+    act_bytes = 2 if precision == "bf16" else 4
+    per_token_layer = 8 * s["hidden"] + 4 * kv + 4 * s["intermediate"]
+    activations = tokens * (s["layers"] * per_token_layer + 2 * s["hidden"]) * act_bytes
+    if chunked:
+        logits = 4 * chunk_rows(s["vocab"]) * s["vocab"] * 4 + 4 * s["vocab"] * s["hidden"]
+    else:
+        logits = 3 * tokens * s["vocab"] * 4
+    parts = {"gradients": 4 * params, "optimizer": 8 * params, "activations": activations, "logits": logits}
+    if precision == "bf16":  # autocast keeps a bf16 copy of every Linear weight for the step
+        parts["bf16_weights"] = 2 * (params - s["hidden"] * (2 * s["layers"] + 1))
+    return {"weights": 4 * params, **parts, "step": sum(parts.values()), "total": 4 * params + sum(parts.values())}
+
+
 def load_shape_config(model_or_preset: str):
     """The config of an HF model folder, or of a preset (with its published vocabulary, else Llama-2's)."""
     from zhllama.model.presets import PRESETS, llama_config
@@ -102,9 +132,10 @@ def load_shape_config(model_or_preset: str):
                        f"({', '.join(PRESETS)})")
 
 
-def memory_report(model_or_preset: str) -> str:
-    """The table ``zhllama model memory`` prints."""
-    est = estimate(load_shape_config(model_or_preset))
+def memory_report(model_or_preset: str, batch_size: int | None = None, seq_len: int = 2048) -> str:
+    """The table ``zhllama model memory`` prints; with ``batch_size``, also what full training takes."""
+    config = load_shape_config(model_or_preset)
+    est = estimate(config)
     s = est["shape"]
     context = f"with {est['runtime_context'] // 1024}k context"
     lines = [f"{model_or_preset}: {est['params'] / 1e9:.2f}B parameters (vocab {s['vocab']:,}, hidden {s['hidden']}, "
@@ -120,4 +151,16 @@ def memory_report(model_or_preset: str) -> str:
               "gguf = `zhllama export gguf` files.",
               f"'{context}' = weights + fp16 KV cache for {est['runtime_context']:,} tokens; the CUDA context "
               "(~0.3-0.5 GB) and activations come on top."]
+    if batch_size is not None:
+        lines += ["", f"Full training, AdamW, batch {batch_size} x {seq_len} tokens (GB):",
+                  f"{'precision':<9} {'loss':<8} {'weights':>8} {'grads':>7} {'AdamW':>7} {'activ.':>7} {'logits':>7} "
+                  f"{'total':>7}"]
+        for precision in ("fp32", "bf16"):
+            for chunked in (True, False):
+                t = training_estimate(config, batch_size, seq_len, precision, chunked)
+                lines.append(f"{precision:<9} {'chunked' if chunked else 'plain':<8} {t['weights'] / GB:>8.2f} "
+                             f"{t['gradients'] / GB:>7.2f} {t['optimizer'] / GB:>7.2f} {t['activations'] / GB:>7.2f} "
+                             f"{t['logits'] / GB:>7.2f} {t['total'] / GB:>7.2f}")
+        lines += ["bf16 = autocast with fp32 master weights (its bf16 weight copies are in the total); the runtime "
+                  "(CPU: ~0.5 GB for torch and transformers) comes on top."]
     return "\n".join(lines)

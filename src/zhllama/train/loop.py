@@ -212,7 +212,8 @@ def train_loop(model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: 
     """Train `model` for cfg.max_steps on `data`, minimising `objective` (default: next-token cross-entropy)."""
     precision = resolve_precision(cfg.precision)
     with run_accelerator(precision, cfg.grad_accum) as accelerator:
-        return _train(accelerator, model, data, cfg, run_dir, resume, objective or LanguageModelling())
+        objective = objective or LanguageModelling(chunked=None if cfg.chunked_loss else False)
+        return _train(accelerator, model, data, cfg, run_dir, resume, objective)
 
 
 def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path, resume: bool,
@@ -251,6 +252,10 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
         log.truncate_after(start)
         if main:
             print(f"resuming from {found} (step {start})", file=sys.stderr)
+    if cfg.compile:
+        # In place (nn.Module.compile), not torch.compile(model): no `_orig_mod.` wrapper, so state_dict keys,
+        # checkpoints and final/ are the same as without it, and resume works either way.
+        model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     if found is not None and sharded:
         engine.restore_sharded(accelerator, model, optimizer, saved, found)
@@ -291,8 +296,8 @@ def _train(accelerator, model, data: TrainData, cfg: TrainConfig, run_dir: Path,
             rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             log.write({"kind": "train", "step": done, **means, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens": tokens_seen(done, cfg, world, sample_tokens),
-                       "tokens_per_s": rate, "precision": precision, **_source_shares(data, sources, done, cfg,
-                                                                                       world, sample_tokens)})
+                       "tokens_per_s": rate, "precision": precision, "peak_memory_mb": peak_memory_mb(),
+                       **_source_shares(data, sources, done, cfg, world, sample_tokens)})
             bar.set_postfix(loss=f"{means['loss']:.3f}", tok_s=f"{rate:,.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
@@ -317,6 +322,16 @@ def _source_shares(data, sources, steps: int, cfg: TrainConfig, world: int, coun
         return {}
     seen = tokens_seen(steps, cfg, world, counts, sources)
     return {"source_shares": {name: round(float(t / seen.sum()), 6) for name, t in zip(data.names, seen, strict=False)}}
+
+
+def peak_memory_mb() -> float:
+    """The most memory this process has held so far, in MiB: the GPU's allocated peak on CUDA, else the peak
+    resident set size (what the kernel reports as ru_maxrss: KiB on Linux)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _as_float(norm) -> float:

@@ -25,14 +25,18 @@ class Objective(Protocol):
 
 
 class LanguageModelling:
-    """Summed next-token cross-entropy over the labelled positions; one unit is one target token."""
+    """Summed next-token cross-entropy over the labelled positions; one unit is one target token. `chunked`:
+    scoring.token_nll's (None: chunked where the logits would be large; False: the plain projection)."""
+
+    def __init__(self, chunked: bool | None = None):
+        self.chunked = chunked
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def __call__(self, model, batch: dict[str, torch.Tensor], evaluating: bool = False):
         # Only the target positions are projected onto the vocabulary when they are under 90% of the row (SFT).
-        nll = token_nll(model, batch, sparse=0.9, with_accuracy=evaluating)
+        nll = token_nll(model, batch, sparse=0.9, with_accuracy=evaluating, chunked=self.chunked)
         return nll.nats, ({"accuracy": float(nll.correct)} if evaluating else {})
 
     def summary(self, means: dict[str, float]) -> dict[str, float]:
