@@ -53,7 +53,10 @@ def test_quick_demo_runs_the_whole_road(tmp_path, monkeypatch):
     assert scores["after DPO"]["ppl"]["nll_sum"] != scores["after SFT"]["ppl"]["nll_sum"]
     gguf = summary["gguf"]
     assert gguf["file"].endswith("model-q8_0.gguf") and gguf["bytes"] > 0
-    assert gguf["answers"]["llama.cpp q8_0"] and gguf["answers"]["HF fp32"]  # both backends answered
+    # Both backends answered (the 4-step quick model may answer with its end of turn at once: an empty reply; the
+    # GGUF round trip itself is checked token for token in tests/export).
+    assert set(gguf["answers"]) == {"llama.cpp q8_0", "HF fp32"}
+    assert all(isinstance(answer, str) for answer in gguf["answers"].values())
 
 
 def test_quick_demo_runs_the_road_on_llama3(tmp_path, monkeypatch):

@@ -143,11 +143,12 @@ def run_demo(out: Path, quick: bool = False, base: str = "llama2") -> dict:
 
     summary["sft"] = _sentiment_sft(out, run / "final", quick, start.template, packed)
     summary["dpo"] = _preference(out, out / "run-sft" / "final", quick, start.template)
-    chat_model = out / "run-dpo" / "final"
+    # Served and exported: the SFT model (DPO moved held-out accuracy by 0.1 point on the full demo).
+    chat_model = out / "run-sft" / "final"
     summary["serve"] = _serving(chat_model, quick)
     summary["eval"] = _evaluation({f"tiny, {start.label} vocab (random)": base_model,
                                    "tiny + zh vocab (mean init)": zh_model, "after pretraining": run / "final",
-                                   "after SFT": out / "run-sft" / "final", "after DPO": chat_model}, quick)
+                                   "after SFT": chat_model, "after DPO": out / "run-dpo" / "final"}, quick)
     summary["gguf"] = _gguf(out, chat_model)
     write_json_atomic(out / "summary.json", summary)
     print(f"\nEverything is under {out}/ (summary.json holds the figures).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -96,7 +97,7 @@ def test_llama3_presets_are_sized_with_their_own_vocabulary():
 
 
 MEASURE = """
-import json, resource, sys
+import json, sys, threading, time
 from pathlib import Path
 import psutil
 from zhllama.config import TrainConfig
@@ -107,11 +108,24 @@ from zhllama.train.run import load_for_training
 model_dir, packed, out, chunked = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 model = load_for_training(Path(model_dir), 256)
 data = PackedTrainData(Path(packed), 256)
-before = psutil.Process().memory_info().rss
+process = psutil.Process()
+before, peak, running = process.memory_info().rss, [0], [True]
+
+
+def sample():  # the resident size while training runs, not the process's lifetime peak (ru_maxrss)
+    while running[0]:
+        peak[0] = max(peak[0], process.memory_info().rss)
+        time.sleep(0.005)
+
+
+watcher = threading.Thread(target=sample)
+watcher.start()
 cfg = TrainConfig(max_steps=3, batch_size=8, seq_len=256, precision="fp32", warmup_steps=1, save_every=100,
                   eval_every=100, eval_batches=1, log_every=1, chunked_loss=chunked)
 train_loop(model, data, cfg, Path(out), resume=False)
-print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+running[0] = False
+watcher.join()
+print(json.dumps({"before": before, "peak": peak[0]}))
 """
 
 
@@ -127,8 +141,11 @@ def test_training_estimate_is_within_20_percent_of_a_measured_run(tiny_zh_model,
     from zhllama.model.memory import training_estimate
 
     packed = pack(extended_dir, [zh_train_file], 256, tmp_path / "packed", val_fraction=0.05)
+    # A clean environment: nothing an earlier test left in os.environ changes what the run allocates.
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR") if key in os.environ}
     done = subprocess.run([sys.executable, "-c", MEASURE, str(tiny_zh_model), str(packed), str(tmp_path / "run"),
-                           "1" if chunked else "0"], capture_output=True, text=True, timeout=600)
+                           "1" if chunked else "0"], capture_output=True, text=True, timeout=600,
+                          env={**env, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     increase = measured["peak"] - measured["before"]
