@@ -52,10 +52,16 @@ def base_vocab_size(model_dir: Path) -> int | None:
     return read_provenance(model_dir).get("base_vocab_size")
 
 
+RUN_REPORTS = ("sft_data.json", "dpo_data.json", "reference_logps.safetensors")
+
+
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse an --out that cannot be written, is someone else's folder, or holds checkpoints without --resume."""
     check_output_path(out)  # an unwritable --out fails now, not after the data is read
-    if out.exists() and any(out.iterdir()) and not (out / PROVENANCE).exists():
+    # Under torchrun another rank of this very run may already have written its data report (sft_data.json) when
+    # this one looks: those files alone do not make the folder someone else's.
+    others = [p for p in out.iterdir() if not any(r in p.name for r in RUN_REPORTS)] if out.is_dir() else []
+    if others and not (out / PROVENANCE).exists():
         raise ZhllamaError(f"{out} exists and is not a zhllama run; choose another --out")
     if not resume and list_checkpoints(out):
         raise ZhllamaError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
