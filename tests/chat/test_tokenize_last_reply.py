@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.chat.test_templates import CONV
 from zhllama.chat import IGNORE_INDEX, tokenize_conversation
 from zhllama.errors import ZhllamaError
 from zhllama.model.loading import load_tokenizer
 
-CONV = [
-    {"role": "system", "content": "你是一个乐于助人的助手。"},
-    {"role": "user", "content": "你好"},
-    {"role": "assistant", "content": "你好！有什么可以帮你？"},
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "It is 4."},
-]
 LAST_TARGET = {"atom": "It is 4.\n</s>", "llama2": "It is 4. </s>", "chatml": "It is 4.<|im_end|>"}
 
 

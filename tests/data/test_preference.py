@@ -17,20 +17,9 @@ from zhllama.data.preference import (
     tokenize_pairs,
 )
 from zhllama.data.readers import ReadReport
+from tests.data.test_conversations import A, S, U
 from zhllama.errors import ZhllamaError
 from zhllama.model.loading import load_tokenizer
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def write_jsonl(path, records):
