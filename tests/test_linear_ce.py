@@ -264,3 +264,18 @@ def test_liger_on_cuda_matches_the_plain_path():
     model, batch = tiny(False).cuda(), {k: v.cuda() for k, v in sft_batch().items()}
     want = assert_same(model, batch, "sum", atol=1e-4, rtol=1e-4)
     assert "lm_head.weight" in want
+
+
+def test_a_second_backward_through_a_retained_graph_is_refused():
+    """The training sum's gradients are computed in forward and scaled in place by its one backward."""
+    torch.manual_seed(0)
+    hidden = torch.randn(20, HIDDEN, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (20,))
+    loss = linear_ce.linear_nll(hidden, weight, targets, summed=True)
+    (loss * 0.5).backward(retain_graph=True)
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    (0.5 * torch.nn.functional.cross_entropy(h @ w.t(), targets, reduction="sum")).backward()
+    assert torch.allclose(hidden.grad, h.grad, **TOL) and torch.allclose(weight.grad, w.grad, **TOL)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

@@ -3,7 +3,7 @@
 With a Chinese-extended vocabulary the output layer dominates the memory of a step: batch 8 x 2048 at 55,296
 pieces makes 3.6 GB of fp32 logits, and their gradient as much again. Here the full ``[targets, vocab]`` logits
 never exist: the hidden states of the target positions go through ``lm_head`` ``rows`` at a time
-(`chunk_rows`: about 2**24 logits, 64 MiB in fp32, and never under 256 rows so that a GPU matmul stays efficient).
+(`chunk_rows`: about 2**25 logits, 128 MiB in fp32, and never under 256 rows so that a GPU matmul stays efficient).
 
 * **Where it runs.** `scoring.token_nll` calls `chunked_nll`. The model is called as usual, through every wrapper
   (DDP, accelerate's autocast, peft), but for that one forward the plain ``nn.Linear`` behind ``lm_head`` (itself,
@@ -42,7 +42,7 @@ import torch
 from zhllama.errors import ZhllamaError
 from zhllama.scoring import Nll
 
-CHUNK_LOGITS = 1 << 24  # logits per chunk (64 MiB in fp32)
+CHUNK_LOGITS = 1 << 25  # logits per chunk (128 MiB in fp32)
 MIN_ROWS = 256
 _REFUSED_WRAPPERS = ("FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine")
 
@@ -107,11 +107,15 @@ def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden @ weight.t()
 
 
-def _logits_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None,
-                 lse: torch.Tensor | None = None) -> torch.Tensor:
-    """d(NLL)/d(logits) of fp32 `logits` in place: softmax minus the one-hot target, times `scale` per row."""
-    lse = logits.logsumexp(-1) if lse is None else lse
-    grad = logits.sub_(lse[:, None]).exp_()
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 `logits` turned into log-probabilities in place: ATen's row-wise kernel keeps each row in cache, where
+    logsumexp, a subtraction and exp would each stream the whole chunk through memory (3x the time on a CPU)."""
+    return torch.log_softmax(logits, -1, out=logits)
+
+
+def _logp_grad(logp: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """d(NLL)/d(logits) from fp32 log-probabilities, in place: softmax minus the one-hot target, times `scale`."""
+    grad = logp.exp_()
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     return grad if scale is None else grad.mul_(scale[:, None])
 
@@ -141,16 +145,16 @@ class _ChunkedNll(torch.autograd.Function):
                 logits = chunk_logits(h, w)
                 if stats is not None:
                     hits += int((logits.argmax(-1) == t).sum())
-                logits = logits.float()
-                # One logsumexp serves the loss and its gradient (F.cross_entropy would take another pass).
-                lse = logits.logsumexp(-1)
-                nats[s:s + rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
+                logp = _log_softmax_(logits.float())
+                nats[s:s + rows] = -logp.gather(1, t[:, None]).squeeze(1)
                 if grad_h is not None or grad_w is not None:
-                    g = _logits_grad(logits, t, None, lse).to(dtype)
+                    g = _logp_grad(logp, t, None).to(dtype)
                     if grad_h is not None:
                         grad_h[s:s + rows] = g @ w
                     if grad_w is not None:
                         _accumulate(grad_w, g, h)
+                    del g
+                del logits, logp  # before the next chunk's logits exist: one chunk alive at a time
             if stats is not None:
                 stats["correct"] = hits
         ctx.rows, ctx.dtype, ctx.summed, ctx.w_dtype = rows, dtype, summed, weight.dtype
@@ -164,8 +168,14 @@ class _ChunkedNll(torch.autograd.Function):
     def backward(ctx, grad_out):
         need_h, need_w = ctx.needs_input_grad[:2]
         if ctx.summed:
-            grad_h = ctx.grad_h * grad_out.to(ctx.grad_h.dtype) if need_h and ctx.grad_h is not None else None
-            grad_w = (ctx.grad_w * grad_out).to(ctx.w_dtype) if need_w and ctx.grad_w is not None else None
+            # Scaled in place, so the gradients computed in forward serve one backward only (a retained graph's
+            # second backward would find them gone, and is refused).
+            grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
+            if getattr(ctx, "spent", False):
+                raise RuntimeError("a second backward through the chunked loss; score with chunked=False")
+            ctx.spent = True
+            grad_h = grad_h.mul_(grad_out.to(grad_h.dtype)) if need_h and grad_h is not None else None
+            grad_w = grad_w.mul_(grad_out).to(ctx.w_dtype) if need_w and grad_w is not None else None
             return grad_h, grad_w, None, None, None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         rows, dtype = ctx.rows, ctx.dtype
@@ -175,7 +185,7 @@ class _ChunkedNll(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             for s in range(0, len(hidden), rows):
                 h, t = hidden[s:s + rows].to(dtype), targets[s:s + rows]
-                g = _logits_grad(chunk_logits(h, w).float(), t, grad_out[s:s + rows].float()).to(dtype)
+                g = _logp_grad(_log_softmax_(chunk_logits(h, w).float()), t, grad_out[s:s + rows].float()).to(dtype)
                 if need_h:
                     grad_h[s:s + rows] = g @ w
                 if need_w:

@@ -14,7 +14,7 @@ context (`eval.long`) and vocabulary extension (`model.extend_vocab.text_nll`) a
 * **The full logits are never built when they would be large** (`token_nll`'s ``chunked``, `zhllama.linear_ce`):
   the vocabulary projection and the cross-entropy run a chunk of target positions at a time, forward and
   backward, with the same loss and gradients. The rule (``chunked=None``): chunked whenever the targets need more
-  than one chunk (`linear_ce.chunk_rows`: about 2**24 logits, e.g. more than 303 targets at 55,296 pieces) and
+  than one chunk (`linear_ce.chunk_rows`: about 2**25 logits, e.g. more than 606 targets at 55,296 pieces) and
   the head allows it (a plain bias-free Linear, not under FSDP or DeepSpeed); otherwise, and with
   ``chunked=False``, the plain path below.
 

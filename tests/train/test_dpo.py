@@ -198,7 +198,10 @@ def test_two_process_ddp_follows_the_one_process_curve(tiny_zh_model, pairs_file
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one), rel=1e-5)
+    # Two processes reduce the gradient in another order (differences of 1e-7); AdamW's first steps scale every
+    # entry to about lr whatever its size, so at lr 2e-3 the fourth loss moves by about 1e-5. A wrong normalisation
+    # (a factor of the world size or of the batch) moves it by more than 1e-2.
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one), rel=5e-5)
     two_log = [r for r in read_log(tmp_path / "two") if r["kind"] == "train"]
     one_log = [r for r in read_log(one) if r["kind"] == "train"]
     assert [r["reward_accuracy"] for r in two_log] == [r["reward_accuracy"] for r in one_log]

@@ -93,7 +93,7 @@ def training_estimate(config, batch_size: int, seq_len: int, precision: str = "f
     RoPE), the attention output, the second residual and its norm, and gate, up, silu(gate) and their product:
     8 hidden + 4 KV + 4 intermediate values (SDPA keeps no attention matrix), in the compute precision (bf16 under
     autocast). Logits: the plain path keeps fp32 logits, their log-softmax and, in backward, their gradient, three
-    [tokens, vocab] fp32 tensors at once; chunked (zhllama.linear_ce) about four chunks of those plus the head's
+    [tokens, vocab] fp32 tensors at once; chunked (zhllama.linear_ce) about two chunks of those plus the head's
     fp32 gradient accumulator. Checked against measured runs (tests/model/test_memory.py)."""
     from zhllama.linear_ce import chunk_rows
 
@@ -105,7 +105,7 @@ def training_estimate(config, batch_size: int, seq_len: int, precision: str = "f
     per_token_layer = 8 * s["hidden"] + 4 * kv + 4 * s["intermediate"]
     activations = tokens * (s["layers"] * per_token_layer + 2 * s["hidden"]) * act_bytes
     if chunked:
-        logits = 4 * chunk_rows(s["vocab"]) * s["vocab"] * 4 + 4 * s["vocab"] * s["hidden"]
+        logits = 2 * chunk_rows(s["vocab"]) * s["vocab"] * 4 + 4 * s["vocab"] * s["hidden"]
     else:
         logits = 3 * tokens * s["vocab"] * 4
     parts = {"gradients": 4 * params, "optimizer": 8 * params, "activations": activations, "logits": logits}
