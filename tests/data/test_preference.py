@@ -12,6 +12,7 @@ from zhllama.data.preference import (
     SKIP_KINDS,
     PreferenceExamples,
     PreferencePair,
+    _drop_turns,
     read_preference_pairs,
     skip_kind,
     tokenize_pairs,
@@ -267,3 +268,15 @@ def test_examples_subset_lengths_and_bad_input(tok):
         tokenize_pairs(tok, "chatml", [PreferencePair([U("问"), A("答")], "是", "否")], 256, progress=False)
     with pytest.raises(ZhllamaError, match="chat template llama3 needs the special tokens"):
         tokenize_pairs(tok, "llama3", pairs, 256, progress=False)
+
+
+def test_dropping_old_turns_keeps_tool_exchanges_whole():
+    """A turn runs from one user message to the next: its tool calls and results go with it."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    result = {"role": "tool", "content": "42"}
+    prompt = [S("sys"), U("q1"), call, result, A("a1"), U("q2"), A("a2"), U("q3")]
+    assert _drop_turns(prompt, 0) == prompt
+    assert _drop_turns(prompt, 1) == [S("sys"), U("q2"), A("a2"), U("q3")]
+    assert _drop_turns(prompt, 2) == [S("sys"), U("q3")]
+    assert _drop_turns(prompt[1:], 1) == [U("q2"), A("a2"), U("q3")]

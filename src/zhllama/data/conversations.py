@@ -80,7 +80,7 @@ _SHAREGPT_ROLES = {
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 
 
-class _Skip(Exception):
+class SkippedRow(Exception):
     """A row or record that does not parse; the message is the reason."""
 
 
@@ -250,7 +250,7 @@ def _decode_whole(path: Path) -> str:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, text or _Skip) per data row."""
+    """(where, text or SkippedRow) per data row."""
     text = _decode_whole(path)
     # The seed's multi-turn rows are long; the csv module's default field limit (128 KiB) is too small.
     if csv.field_size_limit() < 2**31 - 1:
@@ -278,7 +278,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
             continue
         where = f"{path}:{start}"
         if col >= len(row):
-            yield where, _Skip(f"row has {len(row)} fields, no `text` (column {col + 1})")
+            yield where, SkippedRow(f"row has {len(row)} fields, no `text` (column {col + 1})")
         else:
             yield where, row[col]
 
@@ -327,14 +327,14 @@ def _iter_jsonl_bytes(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            yield where, _Skip("not UTF-8 text")
+            yield where, SkippedRow("not UTF-8 text")
             continue
         if not line.strip():
             continue
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as exc:
-            yield where, _Skip(f"malformed JSON ({exc.msg})")
+            yield where, SkippedRow(f"malformed JSON ({exc.msg})")
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -355,7 +355,7 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     yield from _iter_jsonl_bytes(path, data)
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, Any, bool]]:
+def iter_rows(path: Path) -> Iterator[tuple[str, Any, bool]]:
     """(where, value, is_csv_text) for every row or record of one file."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -375,8 +375,8 @@ def iter_conversations(paths: list[str | Path], report: ReadReport | None = None
     """Yield every conversation of the files, skipping (and reporting) rows that do not parse."""
     report = report if report is not None else ReadReport()
     for path in input_paths(paths):
-        for where, value, is_csv in _iter_file(path):
-            if isinstance(value, _Skip):
+        for where, value, is_csv in iter_rows(path):
+            if isinstance(value, SkippedRow):
                 report.skip(where, str(value))
                 continue
             try:

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zhllama.chat import IGNORE_INDEX, ChatTemplate, check_template_tokens, tokenize_conversation, validate_messages
-from zhllama.data.conversations import _iter_file, _Skip, record_messages
+from zhllama.data.conversations import iter_rows, SkippedRow, record_messages
 from zhllama.data.readers import ReadReport, input_paths
 from zhllama.errors import ZhllamaError
 
@@ -123,8 +123,8 @@ def iter_preference_pairs(paths: list[str | Path], report: ReadReport | None = N
             raise ZhllamaError(f"{path}: unsupported preference file type {path.suffix or '(none)'!r} "
                                "(use .json or .jsonl)")
     for path in files:
-        for where, value, _ in _iter_file(path):
-            if isinstance(value, _Skip):
+        for where, value, _ in iter_rows(path):
+            if isinstance(value, SkippedRow):
                 report.skip(where, str(value))
                 continue
             try:
@@ -195,9 +195,12 @@ class PreferenceExamples:
 
 
 def _drop_turns(prompt: list[dict], turns: int) -> list[dict]:
-    """The prompt without its ``turns`` oldest user+assistant turns; a system message is kept."""
-    head = 1 if prompt[0]["role"] == "system" else 0
-    return prompt[:head] + prompt[head + 2 * turns:]
+    """The prompt without its ``turns`` oldest turns, each from a user message to the next (tool calls and their
+    results stay with their turn, as in ``chat.messages.split_turns``); a system message is kept."""
+    head = 1 if prompt and prompt[0]["role"] == "system" else 0
+    users = [i for i in range(head, len(prompt)) if prompt[i]["role"] == "user"]
+    cut = users[turns] if turns < len(users) else len(prompt)
+    return prompt[:head] + prompt[cut:]
 
 
 def _encode_pair(tokenizer, template: ChatTemplate, prompt: list[dict], replies: list[dict],
