@@ -102,9 +102,30 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One chunk's logits, ``(rows, vocab)`` in the operands' dtype (a seam for tests to watch the shapes)."""
-    return hidden @ weight.t()
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One chunk's logits, ``(rows, vocab)`` in the operands' dtype, into `out` when given."""
+    return torch.matmul(hidden, weight.t(), out=out)
+
+
+class _ChunkBuffers:
+    """One chunk's logits (compute dtype) and fp32 log-probabilities, allocated once per pass and reused by every
+    chunk: a fresh chunk of 100+ MiB is a fresh mmap on a CPU, paid again in page faults each time."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.logits = torch.empty((rows, vocab), dtype=dtype, device=device)
+        self.fp32 = self.logits if dtype == torch.float32 else torch.empty((rows, vocab), device=device)
+
+    def log_probs(self, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, stats: dict | None) -> torch.Tensor:
+        """fp32 log-probabilities of the chunk ``h @ w.T`` (a view of the buffer); argmax hits counted in `stats`."""
+        logits = chunk_logits(h, w, out=self.logits[:len(h)])
+        if stats is not None:
+            stats["correct"] = stats.get("correct", 0) + int((logits.argmax(-1) == targets).sum())
+        fp32 = logits if self.fp32 is self.logits else self.fp32[:len(h)].copy_(logits)
+        return _log_softmax_(fp32)
+
+    def in_compute_dtype(self, grad: torch.Tensor) -> torch.Tensor:
+        """The fp32 logits gradient in the dtype of the backward matmuls (the plain graph casts it the same way)."""
+        return grad if self.fp32 is self.logits else self.logits[:len(grad)].copy_(grad)
 
 
 def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -118,6 +139,14 @@ def _logp_grad(logp: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | 
     grad = logp.exp_()
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     return grad if scale is None else grad.mul_(scale[:, None])
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, without a product tensor when the dtypes agree (hidden states stay fp32 under autocast)."""
+    if out.dtype == a.dtype:
+        torch.matmul(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
@@ -139,24 +168,19 @@ class _ChunkedNll(torch.autograd.Function):
             grad_h = torch.empty_like(hidden) if summed and grads[0] else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
                 if summed and grads[1] else None
-            hits = 0
+            if stats is not None:
+                stats["correct"] = 0
+            buffers = _ChunkBuffers(min(rows, len(hidden)), weight.shape[0], dtype, hidden.device)
             for s in range(0, len(hidden), rows):
                 h, t = hidden[s:s + rows].to(dtype), targets[s:s + rows]
-                logits = chunk_logits(h, w)
-                if stats is not None:
-                    hits += int((logits.argmax(-1) == t).sum())
-                logp = _log_softmax_(logits.float())
+                logp = buffers.log_probs(h, w, t, stats)
                 nats[s:s + rows] = -logp.gather(1, t[:, None]).squeeze(1)
                 if grad_h is not None or grad_w is not None:
-                    g = _logp_grad(logp, t, None).to(dtype)
+                    g = buffers.in_compute_dtype(_logp_grad(logp, t, None))
                     if grad_h is not None:
-                        grad_h[s:s + rows] = g @ w
+                        _matmul_into(grad_h[s:s + rows], g, w)
                     if grad_w is not None:
                         _accumulate(grad_w, g, h)
-                    del g
-                del logits, logp  # before the next chunk's logits exist: one chunk alive at a time
-            if stats is not None:
-                stats["correct"] = hits
         ctx.rows, ctx.dtype, ctx.summed, ctx.w_dtype = rows, dtype, summed, weight.dtype
         if summed:
             ctx.grad_h, ctx.grad_w = grad_h, grad_w
@@ -183,11 +207,13 @@ class _ChunkedNll(torch.autograd.Function):
             w = weight.to(dtype)
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            buffers = _ChunkBuffers(min(rows, len(hidden)), weight.shape[0], dtype, hidden.device)
             for s in range(0, len(hidden), rows):
                 h, t = hidden[s:s + rows].to(dtype), targets[s:s + rows]
-                g = _logp_grad(_log_softmax_(chunk_logits(h, w).float()), t, grad_out[s:s + rows].float()).to(dtype)
+                g = buffers.in_compute_dtype(_logp_grad(buffers.log_probs(h, w, t, None), t,
+                                                        grad_out[s:s + rows].float()))
                 if need_h:
-                    grad_h[s:s + rows] = g @ w
+                    _matmul_into(grad_h[s:s + rows], g, w)
                 if need_w:
                     _accumulate(grad_w, g, h)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None, None
