@@ -116,10 +116,11 @@ class _ChunkBuffers:
         self.fp32 = self.logits if dtype == torch.float32 else torch.empty((rows, vocab), device=device)
 
     def log_probs(self, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, stats: dict | None) -> torch.Tensor:
-        """fp32 log-probabilities of the chunk ``h @ w.T`` (a view of the buffer); argmax hits counted in `stats`."""
+        """fp32 log-probabilities of the chunk ``h @ w.T`` (a view of the buffer); argmax hits added to
+        ``stats["correct"]``."""
         logits = chunk_logits(h, w, out=self.logits[:len(h)])
         if stats is not None:
-            stats["correct"] = stats.get("correct", 0) + int((logits.argmax(-1) == targets).sum())
+            stats["correct"] += int((logits.argmax(-1) == targets).sum())
         fp32 = logits if self.fp32 is self.logits else self.fp32[:len(h)].copy_(logits)
         return _log_softmax_(fp32)
 
@@ -194,10 +195,9 @@ class _ChunkedNll(torch.autograd.Function):
         if ctx.summed:
             # Scaled in place, so the gradients computed in forward serve one backward only (a retained graph's
             # second backward would find them gone, and is refused).
-            grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
             if getattr(ctx, "spent", False):
                 raise RuntimeError("a second backward through the chunked loss; score with chunked=False")
-            ctx.spent = True
+            grad_h, grad_w, ctx.grad_h, ctx.grad_w, ctx.spent = ctx.grad_h, ctx.grad_w, None, None, True
             grad_h = grad_h.mul_(grad_out.to(grad_h.dtype)) if need_h and grad_h is not None else None
             grad_w = grad_w.mul_(grad_out).to(ctx.w_dtype) if need_w and grad_w is not None else None
             return grad_h, grad_w, None, None, None, None, None, None
