@@ -123,8 +123,8 @@ class TrainConfig:
     # auto = bf16 where it is faster (GPU, CPUs with AVX512-BF16)
     precision: str = option("auto", help="auto|bf16|fp32 (auto: bf16 where it is faster)")
     # torch.compile the model's forward (nn.Module.compile: the weights' names, in checkpoints and final/, stay as
-    # they are). It costs minutes of compiling at the start: worth it for long runs only (benchmarks/results/
-    # pretrain_throughput.md), so off by default.
+    # they are). Compiling takes 12-77 s at the start, and on a CPU the compiled tiny model was slower per step
+    # (benchmarks/results/pretrain_throughput_compile.md), so off by default.
     compile: bool = option(False, flag="--compile/--no-compile",
                            help="torch.compile the model (long runs; compiling takes minutes first)")
     # all | embeddings (embed_tokens + lm_head) | new-rows (only their rows that `model extend-vocab` added) |
